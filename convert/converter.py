@@ -1,0 +1,189 @@
+"""Hugging Face checkpoint directory -> jaxmoe model directory, streamed one layer at a time.
+
+Steps: read config.json -> family adapter -> ModelConfig; read safetensors headers only; place every
+HF tensor with the adapter's key rules and check names and shapes against the model's abstract state
+(every tensor used exactly once, every parameter filled) before writing anything; then read, cast and
+save one piece (globals, each layer's dense part, each layer's expert stack) at a time into a temporary
+sibling directory that is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from convert.families import FAMILIES
+from convert.keymap import Placement, place
+from convert.source import SafetensorsSource
+from jaxmoe.checkpoint import WEIGHTS_DIR, abstract_model, pieces_of_layer, save_piece
+from jaxmoe.config import ModelConfig, save_config
+from jaxmoe.errors import JaxmoeError
+
+DTYPES = ("bfloat16", "float16", "float32")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+HF_DTYPE_NAMES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32", "bf16": "bfloat16"}
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise JaxmoeError(f"{path}: not found; expected a Hugging Face checkpoint directory")
+    try:
+        hf = json.loads(path.read_text())
+    except ValueError as e:
+        raise JaxmoeError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise JaxmoeError(f"{path}: expected a JSON object")
+    return hf
+
+
+def model_config_from_hf(hf: dict, dtype: str | None) -> ModelConfig:
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise JaxmoeError(
+            f"config.json: unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
+        )
+    if dtype is None:
+        dtype = HF_DTYPE_NAMES.get(str(hf.get("dtype") or hf.get("torch_dtype")), "bfloat16")
+    if dtype not in DTYPES:
+        raise JaxmoeError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    return FAMILIES[model_type].config_from_hf(hf, dtype)
+
+
+def _flatten(tree: dict, prefix=()) -> dict[tuple, object]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def plan_conversion(cfg: ModelConfig, source: SafetensorsSource) -> dict[tuple, list[tuple[str, Placement]]]:
+    """Maps every model parameter path to the HF keys that fill it; raises on any mismatch."""
+    _, abstract_state = abstract_model(cfg)
+    expected = _flatten(abstract_state.to_pure_dict())
+    rules = FAMILIES[cfg.family].key_rules(cfg)
+    plan: dict[tuple, list[tuple[str, Placement]]] = defaultdict(list)
+    for key in source.keys():
+        placement = place(key, rules)
+        if placement is None or placement.path not in expected:
+            raise JaxmoeError(f"{source.file_of[key]}: unused tensor {key} (no parameter of the {cfg.family} model takes it)")
+        want = expected[placement.path].shape
+        if placement.expert is not None:
+            if not 0 <= placement.expert < want[0]:
+                raise JaxmoeError(f"{source.file_of[key]}: tensor {key}: expert index {placement.expert} >= {want[0]} experts")
+            want = want[1:]
+        got = source.shape_of[key][::-1] if placement.transpose else source.shape_of[key]
+        if tuple(got) != tuple(want):
+            shown = tuple(want[::-1]) if placement.transpose else tuple(want)
+            raise JaxmoeError(f"{source.file_of[key]}: tensor {key} has shape {list(source.shape_of[key])}, expected {list(shown)}")
+        plan[placement.path].append((key, placement))
+    for path, struct in expected.items():
+        entries = plan.get(path, [])
+        per_expert = bool(entries) and entries[0][1].expert is not None
+        rows = sorted(p.expert for _, p in entries) if per_expert else None
+        if not entries or (per_expert and rows != list(range(struct.shape[0]))) or (not per_expert and len(entries) > 1):
+            raise JaxmoeError(_missing_message(cfg, rules, path, struct, entries, source))
+    return plan
+
+
+def _missing_message(cfg, rules, path, struct, entries, source) -> str:
+    if len(entries) > 1 and entries[0][1].expert is None:
+        return f"{source.hf_dir}: parameter {_dotted(path)} filled by several tensors: {[k for k, _ in entries]}"
+    have = {p.expert for _, p in entries}
+    layer = path[1] if path[0] == "layers" else None
+    for rule in rules:
+        if rule.target.format(layer=layer) == _dotted(path):
+            if rule.per_expert:
+                missing = [e for e in range(struct.shape[0]) if e not in have]
+                return f"{source.hf_dir}: missing tensor {rule.hf.format(layer=layer, expert=missing[0])}"
+            return f"{source.hf_dir}: missing tensor {rule.hf.format(layer=layer)}"
+    return f"{source.hf_dir}: no tensor fills parameter {_dotted(path)}"
+
+
+def _read_piece(source, plan, paths, np_dtype) -> dict:
+    """Reads, transposes, casts and stacks the tensors of `paths` -> nested pure dict."""
+    tree: dict = {}
+    for path in paths:
+        entries = plan[path]
+        if entries[0][1].expert is None:
+            key, placement = entries[0]
+            value = source.read(key)
+            value = np.ascontiguousarray(value.T if placement.transpose else value).astype(np_dtype)
+        else:
+            first_key, first = entries[0]
+            shape = source.shape_of[first_key][::-1] if first.transpose else source.shape_of[first_key]
+            value = np.empty((len(entries), *shape), np_dtype)
+            for key, placement in entries:
+                t = source.read(key)
+                value[placement.expert] = (t.T if placement.transpose else t).astype(np_dtype)
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    return tree
+
+
+def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, force: bool = False, progress: bool = True) -> ModelConfig:
+    """Converts `hf_dir` into `out_dir`; returns the model config. Raises JaxmoeError on bad input."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if not hf_dir.is_dir():
+        raise JaxmoeError(f"{hf_dir}: no such directory")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise JaxmoeError(f"{out_dir}: already exists and is not empty; pass --force to overwrite it")
+    hf = read_hf_config(hf_dir)
+    cfg = model_config_from_hf(hf, dtype)
+    source = SafetensorsSource(hf_dir)
+    plan = plan_conversion(cfg, source)
+    np_dtype = np.dtype(jax.numpy.dtype(cfg.dtype))
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out_dir.parent / f".{out_dir.name}.converting-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    try:
+        tmp_dir.mkdir()
+        weights = tmp_dir / WEIGHTS_DIR
+        by_layer = defaultdict(list)
+        for path in plan:
+            by_layer[path[1] if path[0] == "layers" else None].append(path)
+        with ocp.StandardCheckpointer() as checkpointer:
+            save_piece(checkpointer, weights, "globals", _read_piece(source, plan, by_layer[None], np_dtype))
+            checkpointer.wait_until_finished()
+            for layer in tqdm(range(cfg.num_layers), desc="converting layers", unit="layer", disable=not progress):
+                tree = _read_piece(source, plan, by_layer[layer], np_dtype)["layers"][layer]
+                for name, piece in pieces_of_layer(layer, tree).items():
+                    save_piece(checkpointer, weights, name, piece)
+                checkpointer.wait_until_finished()  # frees this layer's host arrays before the next
+                del tree
+        save_config(cfg, tmp_dir)
+        (tmp_dir / "hf_config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copy2(hf_dir / name, tmp_dir / name)
+        if out_dir.exists():
+            trash = out_dir.parent / f".{out_dir.name}.replaced-{os.getpid()}"
+            out_dir.rename(trash)
+            tmp_dir.rename(out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp_dir.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return cfg

@@ -1,0 +1,128 @@
+"""Pieces shared by the family adapters: reading HF config fields and the Llama-style key rules."""
+
+from __future__ import annotations
+
+from convert.keymap import KeyRule
+from jaxmoe.config import RopeScaling
+from jaxmoe.errors import JaxmoeError
+from jaxmoe.rope import ROPE_KINDS
+
+
+def require(hf: dict, key: str, family: str, *aliases: str):
+    """hf[key] (or the first alias present: field names vary between transformers versions)."""
+    for name in (key, *aliases):
+        if hf.get(name) is not None:
+            return hf[name]
+    raise JaxmoeError(f"config.json: {family} checkpoint lacks required field {key!r}")
+
+
+def check_activation(hf: dict) -> None:
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise JaxmoeError(f"config.json: hidden_act {act!r} is not supported (only silu)")
+
+
+def rope_from_hf(hf: dict) -> tuple[float, RopeScaling]:
+    """(theta, scaling) from either `rope_parameters` (transformers >= 5) or `rope_theta` + `rope_scaling`."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_KINDS:
+        raise JaxmoeError(f"config.json: rope type {kind!r} is not supported; supported: {', '.join(ROPE_KINDS)}")
+    if kind == "default":
+        return theta, RopeScaling()
+    fields = {f: params[f] for f in RopeScaling.__slots__ if f != "kind" and params.get(f) is not None}
+    if kind == "yarn" and "factor" not in fields:
+        fields["factor"] = hf["max_position_embeddings"] / params["original_max_position_embeddings"]
+    return theta, RopeScaling(kind=kind, **fields)
+
+
+def eos_ids(hf: dict) -> tuple[int, ...]:
+    eos = hf.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+def common_fields(hf: dict, family: str, dtype: str) -> dict:
+    """ModelConfig fields every family reads the same way."""
+    check_activation(hf)
+    theta, scaling = rope_from_hf(hf)
+    heads = require(hf, "num_attention_heads", family)
+    hidden = require(hf, "hidden_size", family)
+    return dict(
+        family=family,
+        vocab_size=require(hf, "vocab_size", family),
+        hidden_size=hidden,
+        num_layers=require(hf, "num_hidden_layers", family),
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hidden // heads,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids(hf),
+        dtype=dtype,
+    )
+
+
+def global_rules(tied: bool) -> list[KeyRule]:
+    rules = [
+        KeyRule("model.embed_tokens.weight", "embed.embedding"),
+        KeyRule("model.norm.weight", "final_norm.scale"),
+    ]
+    if not tied:
+        rules.append(KeyRule("lm_head.weight", "lm_head", transpose=True))
+    return rules
+
+
+def layer_norm_rules() -> list[KeyRule]:
+    return [
+        KeyRule("model.layers.{layer}.input_layernorm.weight", "layers.{layer}.input_norm.scale"),
+        KeyRule("model.layers.{layer}.post_attention_layernorm.weight", "layers.{layer}.post_attn_norm.scale"),
+    ]
+
+
+def gqa_rules(qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = False) -> list[KeyRule]:
+    p, t = "model.layers.{layer}.self_attn", "layers.{layer}.attn"
+    rules = [KeyRule(f"{p}.{n}_proj.weight", f"{t}.{n}_proj", transpose=True) for n in "qkvo"]
+    if qkv_bias:
+        rules += [KeyRule(f"{p}.{n}_proj.bias", f"{t}.{n}_bias") for n in "qkv"]
+    if out_bias:
+        rules.append(KeyRule(f"{p}.o_proj.bias", f"{t}.o_bias"))
+    if qk_norm:
+        rules += [KeyRule(f"{p}.{n}_norm.weight", f"{t}.{n}_norm.scale") for n in "qk"]
+    return rules
+
+
+def mlp_rules(hf_prefix: str, target_prefix: str, names=("gate_proj", "up_proj", "down_proj")) -> list[KeyRule]:
+    """SwiGLU MLP: HF `{hf_prefix}.{gate,up,down}.weight` -> `{target_prefix}.{gate,up,down}_proj`."""
+    ours = ("gate_proj", "up_proj", "down_proj")
+    return [KeyRule(f"{hf_prefix}.{n}.weight", f"{target_prefix}.{o}", transpose=True) for n, o in zip(names, ours)]
+
+
+def expert_rules(hf_prefix: str, names=("gate_proj", "up_proj", "down_proj")) -> list[KeyRule]:
+    """Per-expert HF keys `{hf_prefix}.{expert}.{name}.weight` -> stacked rows of our expert weights."""
+    ours = ("w_gate", "w_up", "w_down")
+    return [
+        KeyRule(f"{hf_prefix}.{{expert}}.{n}.weight", f"layers.{{layer}}.moe.experts.{o}", transpose=True)
+        for n, o in zip(names, ours)
+    ]
+
+
+def sparse_layer_flags(hf: dict, num_layers: int) -> tuple[bool, ...]:
+    """Qwen-style `decoder_sparse_step` / `mlp_only_layers` -> per-layer MoE flags."""
+    step = hf.get("decoder_sparse_step") or 1
+    dense = set(hf.get("mlp_only_layers") or [])
+    return tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
+
+
+def router_rules(hf_prefix: str, bias_key: str | None = None) -> list[KeyRule]:
+    """Router `{hf_prefix}.weight` [E, d] -> `layers.{layer}.moe.router` [d, E] (+ selection bias)."""
+    rules = [KeyRule(f"{hf_prefix}.weight", "layers.{layer}.moe.router", transpose=True)]
+    if bias_key:
+        rules.append(KeyRule(f"{hf_prefix}.{bias_key}", "layers.{layer}.moe.router_bias"))
+    return rules

@@ -1,0 +1,100 @@
+"""Grouped-query attention with a preallocated KV cache, plus the cache/mask helpers MLA reuses.
+
+Cache convention: every sequence b owns rows [0, S) of its cache; the tokens of one call sit at
+contiguous positions `positions[b, 0] + arange(T)`. A query at position p attends to cache rows
+j <= p, so rows holding padding beyond a sequence's length are never read before being overwritten.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.layers import RMSNorm, linear, normal_param
+from jaxmoe.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+def write_cache(cache, new, start):
+    """cache: [B, S, ...]; new: [B, T, ...]; start: int32[B] -> cache with rows start[b]+t replaced."""
+
+    def one(c, n, s):
+        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=0)
+
+    return jax.vmap(one)(cache, new, start)
+
+
+def causal_attention(q, k, v, positions, scale: float):
+    """Attention of new queries over the whole cache.
+
+    q: [B, T, H, dk]; k: [B, S, KV, dk]; v: [B, S, KV, dv] with H % KV == 0;
+    positions: int32[B, T] (query positions) -> [B, T, H, dv] in q's dtype.
+    """
+    b, t, h, dk = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, dk)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32) * scale
+    visible = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    scores = jnp.where(visible[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+    return out.reshape(b, t, h, v.shape[-1])
+
+
+class GQAttention(nnx.Module):
+    """Multi-head attention with grouped KV heads, optional q/k/v bias and q/k RMSNorm."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+        self.q_proj = normal_param(rngs, (d, h * hd), dtype)
+        self.k_proj = normal_param(rngs, (d, kv * hd), dtype)
+        self.v_proj = normal_param(rngs, (d, kv * hd), dtype)
+        self.o_proj = normal_param(rngs, (h * hd, d), dtype)
+        if cfg.attention_bias:
+            self.q_bias = nnx.Param(jnp.zeros((h * hd,), dtype))
+            self.k_bias = nnx.Param(jnp.zeros((kv * hd,), dtype))
+            self.v_bias = nnx.Param(jnp.zeros((kv * hd,), dtype))
+        if cfg.attention_out_bias:
+            self.o_bias = nnx.Param(jnp.zeros((d,), dtype))
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(h * hd, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(kv * hd, cfg.rms_norm_eps, dtype)
+        inv_freq, self.rope_scaling = rope_inv_freq(hd, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        self.inv_freq = tuple(float(f) for f in inv_freq)  # static, hashable
+        self.rope_interleaved = cfg.rope_interleaved
+        self.scale = hd**-0.5
+
+    @staticmethod
+    def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict:
+        """{'k', 'v'}: [B, max_len, kv_heads, head_dim] zeros."""
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def __call__(self, x, cache: dict, positions):
+        """x: [B, T, d]; positions: int32[B, T] -> ([B, T, d], updated cache)."""
+        b, t, _ = x.shape
+        bias = (self.q_bias.value, self.k_bias.value, self.v_bias.value) if hasattr(self, "q_bias") else (None,) * 3
+        q = linear(x, self.q_proj.value, bias[0])  # [B, T, H*hd]
+        k = linear(x, self.k_proj.value, bias[1])  # [B, T, KV*hd]
+        v = linear(x, self.v_proj.value, bias[2])
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scaling)
+        q = apply_rope(q, cos, sin, self.rope_interleaved)
+        k = apply_rope(k, cos, sin, self.rope_interleaved)
+        start = positions[:, 0]
+        cache = {"k": write_cache(cache["k"], k, start), "v": write_cache(cache["v"], v, start)}
+        out = causal_attention(q, cache["k"], cache["v"], positions, self.scale)  # [B, T, H, hd]
+        o_bias = self.o_bias.value if hasattr(self, "o_bias") else None
+        return linear(out.reshape(b, t, -1), self.o_proj.value, o_bias), cache

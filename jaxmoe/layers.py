@@ -1,0 +1,65 @@
+"""Small building blocks shared by every family: parameters, RMSNorm, embedding, SwiGLU MLP.
+
+Weights are stored `[in, out]` (the transpose of torch's `nn.Linear.weight`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02
+
+
+def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = INIT_STD) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype=jnp.float32).astype(dtype))
+
+
+def linear(x, kernel, bias=None):
+    """x: [..., in] @ kernel: [in, out] (+ bias: [out]) -> [..., out]."""
+    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm over the last axis, computed in float32, scaled by a learned weight."""
+
+    def __init__(self, size: int, eps: float, dtype):
+        self.scale = nnx.Param(jnp.ones((size,), dtype=dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale.value.astype(dtype) * x32.astype(dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, dtype, rngs: nnx.Rngs):
+        self.embedding = normal_param(rngs, (vocab_size, hidden_size), dtype)
+
+    def __call__(self, tokens):
+        """tokens: int32[B, T] -> [B, T, hidden]."""
+        return jnp.take(self.embedding.value, tokens, axis=0)
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    """SwiGLU FFN: x: [..., d]; w_gate, w_up: [d, f]; w_down: [f, d] -> [..., d]."""
+    h = jax.nn.silu(linear(x, w_gate)) * linear(x, w_up)
+    return linear(h, w_down)
+
+
+class SwiGLUMLP(nnx.Module):
+    """Dense SwiGLU feed-forward (dense layers and shared experts)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype, rngs: nnx.Rngs):
+        self.gate_proj = normal_param(rngs, (hidden_size, intermediate_size), dtype)
+        self.up_proj = normal_param(rngs, (hidden_size, intermediate_size), dtype)
+        self.down_proj = normal_param(rngs, (intermediate_size, hidden_size), dtype)
+
+    def __call__(self, x):
+        return swiglu(x, self.gate_proj.value, self.up_proj.value, self.down_proj.value)

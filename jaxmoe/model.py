@@ -1,0 +1,93 @@
+"""The MoE decoder-only language model as Flax NNX modules.
+
+State tree (what `nnx.split` yields and what converted checkpoints hold):
+  embed.embedding [V, d]
+  layers[l].input_norm.scale, layers[l].attn.*, layers[l].post_attn_norm.scale
+  layers[l].mlp.{gate_proj, up_proj, down_proj}                       (dense layers)
+  layers[l].moe.router [d, E], .router_bias [E], .experts.{w_gate, w_up, w_down} [E, ...],
+  layers[l].moe.shared.*, .shared_gate [d, 1]                           (MoE layers)
+  final_norm.scale [d], lm_head [d, V] (absent when embeddings are tied)
+
+Each decoder layer exposes the pieces the offloading runtime calls one by one
+(`attention_block`, `moe.route`, routed experts over slots, `moe.shared_output`); `__call__` chains
+them for the fully resident model.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.attention import GQAttention
+from jaxmoe.config import ModelConfig
+from jaxmoe.layers import Embed, RMSNorm, SwiGLUMLP, normal_param
+from jaxmoe.mla import MLAttention
+from jaxmoe.moe import MoEBlock
+
+ATTENTION_MODULES = {"gqa": GQAttention, "mla": MLAttention}
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.input_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.attn = ATTENTION_MODULES[cfg.attention_kind](cfg, dtype, rngs)
+        self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.is_moe = cfg.moe_layers[layer_id]
+        if self.is_moe:
+            self.moe = MoEBlock(cfg, dtype, rngs)
+        else:
+            self.mlp = SwiGLUMLP(d, cfg.dense_intermediate_size, dtype, rngs)
+
+    def attention_block(self, h, cache, positions):
+        """h: [B, T, d] -> (h + attn(norm(h)), cache, ffn input post_attn_norm(h'): [B, T, d])."""
+        attn_out, cache = self.attn(self.input_norm(h), cache, positions)
+        h = h + attn_out
+        return h, cache, self.post_attn_norm(h)
+
+    def __call__(self, h, cache, positions, kernel: str = "auto"):
+        """h: [B, T, d] -> (h: [B, T, d], cache, routing dict or None for dense layers)."""
+        h, cache, x = self.attention_block(h, cache, positions)
+        if self.is_moe:
+            y, routing = self.moe(x, kernel)
+        else:
+            y, routing = self.mlp(x), None
+        return h + y, cache, routing
+
+
+class MoEModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype=None):
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype, rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs) for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict]:
+        """One cache dict per layer, preallocated for `max_len` positions."""
+        dtype = dtype or self.embed.embedding.value.dtype
+        return [type(layer.attn).init_cache(self.cfg, batch, max_len, dtype) for layer in self.layers]
+
+    def logits(self, h):
+        """h: [..., d] (pre final norm) -> float32 logits [..., V]."""
+        h = self.final_norm(h)
+        head = self.embed.embedding.value.T if self.cfg.tie_word_embeddings else self.lm_head.value
+        return jnp.einsum("...d,dv->...v", h, head.astype(h.dtype)).astype(jnp.float32)
+
+    def hidden_states(self, tokens, positions, cache, kernel: str = "auto"):
+        """tokens, positions: int32[B, T] -> (h: [B, T, d] before the final norm, cache, routing list)."""
+        h = self.embed(tokens)
+        routing = []
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            h, layer_cache, r = layer(h, layer_cache, positions, kernel)
+            new_cache.append(layer_cache)
+            routing.append(r)
+        return h, new_cache, routing
+
+    def __call__(self, tokens, positions, cache, kernel: str = "auto"):
+        """tokens, positions: int32[B, T] -> (logits float32[B, T, V], cache, routing list per layer)."""
+        h, cache, routing = self.hidden_states(tokens, positions, cache, kernel)
+        return self.logits(h), cache, routing

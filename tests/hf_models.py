@@ -1,0 +1,48 @@
+"""Tiny random Hugging Face MoE checkpoints built locally with transformers (nothing downloaded).
+
+`build_hf_checkpoint(family, directory)` saves a float32 model sharded with an index json, as the Hub
+ships them, and returns the directory. Sizes are small enough for CPU tests in well under a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=256, bos_token_id=1,
+              eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+FAMILY_CONFIGS = {
+    "mixtral": dict(num_local_experts=6),
+    "qwen2_moe": dict(num_experts=6, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                      norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1]),
+    "qwen3_moe": dict(num_experts=6, moe_intermediate_size=16, head_dim=12, norm_topk_prob=True, mlp_only_layers=[0]),
+    "olmoe": dict(num_experts=6, intermediate_size=16),
+}
+
+FAMILIES = tuple(FAMILY_CONFIGS)
+
+
+def build_hf_model(family: str, seed: int = 0, **overrides):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(family, **{**COMMON, **FAMILY_CONFIGS[family], **overrides})
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # random init is too flat to exercise routing: widen the weights a bit
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.08)
+            elif "bias" in name:
+                p.normal_(0.0, 0.02)
+            else:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return model
+
+
+def build_hf_checkpoint(family: str, directory: Path, seed: int = 0, **overrides) -> Path:
+    model = build_hf_model(family, seed, **overrides)
+    directory = Path(directory)
+    model.save_pretrained(directory, max_shard_size="40KB")
+    return directory
