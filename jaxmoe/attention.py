@@ -79,10 +79,10 @@ class GQAttention(nnx.Module):
     def __call__(self, x, cache: dict, positions):
         """x: [B, T, d]; positions: int32[B, T] -> ([B, T, d], updated cache)."""
         b, t, _ = x.shape
-        bias = (self.q_bias.value, self.k_bias.value, self.v_bias.value) if hasattr(self, "q_bias") else (None,) * 3
-        q = linear(x, self.q_proj.value, bias[0])  # [B, T, H*hd]
-        k = linear(x, self.k_proj.value, bias[1])  # [B, T, KV*hd]
-        v = linear(x, self.v_proj.value, bias[2])
+        bias = (self.q_bias[...], self.k_bias[...], self.v_bias[...]) if hasattr(self, "q_bias") else (None,) * 3
+        q = linear(x, self.q_proj[...], bias[0])  # [B, T, H*hd]
+        k = linear(x, self.k_proj[...], bias[1])  # [B, T, KV*hd]
+        v = linear(x, self.v_proj[...], bias[2])
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.reshape(b, t, self.num_heads, self.head_dim)
@@ -96,5 +96,5 @@ class GQAttention(nnx.Module):
         start = positions[:, 0]
         cache = {"k": write_cache(cache["k"], k, start), "v": write_cache(cache["v"], v, start)}
         out = causal_attention(q, cache["k"], cache["v"], positions, self.scale)  # [B, T, H, hd]
-        o_bias = self.o_bias.value if hasattr(self, "o_bias") else None
-        return linear(out.reshape(b, t, -1), self.o_proj.value, o_bias), cache
+        o_bias = self.o_bias[...] if hasattr(self, "o_bias") else None
+        return linear(out.reshape(b, t, -1), self.o_proj[...], o_bias), cache

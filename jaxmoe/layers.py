@@ -35,7 +35,7 @@ class RMSNorm(nnx.Module):
         dtype = x.dtype
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale.value.astype(dtype) * x32.astype(dtype)
+        return self.scale[...].astype(dtype) * x32.astype(dtype)
 
 
 class Embed(nnx.Module):
@@ -44,7 +44,7 @@ class Embed(nnx.Module):
 
     def __call__(self, tokens):
         """tokens: int32[B, T] -> [B, T, hidden]."""
-        return jnp.take(self.embedding.value, tokens, axis=0)
+        return jnp.take(self.embedding[...], tokens, axis=0)
 
 
 def swiglu(x, w_gate, w_up, w_down):
@@ -62,4 +62,4 @@ class SwiGLUMLP(nnx.Module):
         self.down_proj = normal_param(rngs, (intermediate_size, hidden_size), dtype)
 
     def __call__(self, x):
-        return swiglu(x, self.gate_proj.value, self.up_proj.value, self.down_proj.value)
+        return swiglu(x, self.gate_proj[...], self.up_proj[...], self.down_proj[...])

@@ -67,13 +67,13 @@ class MoEModel(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict]:
         """One cache dict per layer, preallocated for `max_len` positions."""
-        dtype = dtype or self.embed.embedding.value.dtype
+        dtype = dtype or self.embed.embedding[...].dtype
         return [type(layer.attn).init_cache(self.cfg, batch, max_len, dtype) for layer in self.layers]
 
     def logits(self, h):
         """h: [..., d] (pre final norm) -> float32 logits [..., V]."""
         h = self.final_norm(h)
-        head = self.embed.embedding.value.T if self.cfg.tie_word_embeddings else self.lm_head.value
+        head = self.embed.embedding[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
         return jnp.einsum("...d,dv->...v", h, head.astype(h.dtype)).astype(jnp.float32)
 
     def hidden_states(self, tokens, positions, cache, kernel: str = "auto"):

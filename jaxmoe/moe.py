@@ -74,9 +74,9 @@ class RoutedExperts(nnx.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype, rngs: nnx.Rngs):
         e, d, f = num_experts, hidden_size, intermediate_size
-        self.w_gate = ExpertWeight(normal_param(rngs, (e, d, f), dtype).value)
-        self.w_up = ExpertWeight(normal_param(rngs, (e, d, f), dtype).value)
-        self.w_down = ExpertWeight(normal_param(rngs, (e, f, d), dtype).value)
+        self.w_gate = ExpertWeight(normal_param(rngs, (e, d, f), dtype)[...])
+        self.w_up = ExpertWeight(normal_param(rngs, (e, d, f), dtype)[...])
+        self.w_down = ExpertWeight(normal_param(rngs, (e, f, d), dtype)[...])
 
 
 class MoEBlock(nnx.Module):
@@ -96,8 +96,8 @@ class MoEBlock(nnx.Module):
 
     def route(self, x):
         """x: [N, d] -> (expert_ids int32[N, k], expert_weights float32[N, k], logits float32[N, E])."""
-        logits = router_logits(x, self.router.value)
-        bias = self.router_bias.value if hasattr(self, "router_bias") else None
+        logits = router_logits(x, self.router[...])
+        bias = self.router_bias[...] if hasattr(self, "router_bias") else None
         ids, weights = select_experts(logits, self.spec, bias)
         return ids, weights, logits
 
@@ -107,7 +107,7 @@ class MoEBlock(nnx.Module):
             return jnp.zeros_like(x)
         y = self.shared(x)
         if hasattr(self, "shared_gate"):
-            y = jax.nn.sigmoid(linear(x, self.shared_gate.value)) * y
+            y = jax.nn.sigmoid(linear(x, self.shared_gate[...])) * y
         return y
 
     def __call__(self, x, kernel: str = "auto"):
@@ -116,6 +116,6 @@ class MoEBlock(nnx.Module):
         flat = x.reshape(b * t, d)
         ids, weights, logits = self.route(flat)
         w = self.experts
-        routed = routed_experts(flat, ids, weights, w.w_gate.value, w.w_up.value, w.w_down.value, kernel)
+        routed = routed_experts(flat, ids, weights, w.w_gate[...], w.w_up[...], w.w_down[...], kernel)
         out = routed + self.shared_output(flat)
         return out.reshape(b, t, d), {"expert_ids": ids, "expert_weights": weights, "router_logits": logits}

@@ -1,0 +1,43 @@
+"""jaxmoe: MoE language models on one accelerator with host-resident experts.
+
+Holds the model (NNX modules), the checkpoint layout, the engines and the `generate` CLI.
+Imports nothing from `convert`, `scheduler` or `predictors` at module level, except where a
+command needs them (the default-model cache converts on first use; the offload engine asks
+`scheduler` for expert slots).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jaxmoe.errors import JaxmoeError
+
+__all__ = ["load", "JaxmoeError"]
+
+
+def load_tokenizer(model_dir: Path):
+    """The model directory's tokenizer (transformers), or None when it ships none."""
+    if not (Path(model_dir) / "tokenizer.json").is_file() and not (Path(model_dir) / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
+def load(path, dtype=None, **offload_options):
+    """Loads a converted model directory and returns an engine with `.generate(prompt_ids, max_new_tokens, ...)`.
+
+    With no offload options every weight is placed on the device (`ResidentEngine`).
+    """
+    from jaxmoe.checkpoint import load_resident
+    from jaxmoe.engine import ResidentEngine
+
+    path = Path(path)
+    if not path.is_dir():
+        raise JaxmoeError(f"{path}: no such directory")
+    if offload_options:
+        from jaxmoe.offload import OffloadEngine
+
+        return OffloadEngine.load(path, dtype=dtype, tokenizer=load_tokenizer(path), **offload_options)
+    cfg, graphdef, state = load_resident(path, dtype=dtype)
+    return ResidentEngine(cfg, graphdef, state, tokenizer=load_tokenizer(path))

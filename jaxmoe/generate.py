@@ -1,0 +1,131 @@
+"""CLI: python -m jaxmoe.generate [--model DIR] [--prompt TEXT | --prompt-file F] [--max-new-tokens N] ...
+
+Streams the generated text to stdout, then prints one summary line on stderr. With no --model it runs
+the embedded default model on a default code prompt. Bad input: one `error: ...` line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from jaxmoe.errors import JaxmoeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jaxmoe.generate", description="Generate text with a converted MoE model.")
+    p.add_argument("--model", type=Path, default=None, help="converted model directory (default: the embedded default model)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help="prompt text")
+    src.add_argument("--prompt-file", type=Path, default=None, help="file holding the prompt (UTF-8)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--cache-slots", type=int, default=None, help="device expert slots (offloaded run)")
+    budget.add_argument("--expert-cache-gb", type=float, default=None, help="device GB for the expert cache (offloaded run)")
+    p.add_argument("--policy", default=None, help="expert cache policy (offloaded run); 'resident' keeps all weights on device")
+    p.add_argument("--predictor", default=None, help="predictor driving prefetch policies")
+    p.add_argument("--emulate-link", default=None, metavar="GBPS[,LATENCY_US]", help="emulate a host-to-device link")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="compute/param dtype override")
+    p.add_argument("--output-json", type=Path, default=None, help="write prompt ids, generated ids, text and stats here")
+    return p
+
+
+def summary_line(stats: dict) -> str:
+    return (
+        f"prefill {stats['prefill_tokens_per_s']:.1f} tok/s | decode {stats['decode_tokens_per_s']:.2f} tok/s | "
+        f"TTFT {stats['ttft_s'] * 1000:.0f} ms | hit rate {stats['hit_rate']:.3f} | "
+        f"H2D {stats['h2d_bytes'] / 1e9:.3f} GB | stall {stats['stall_s']:.3f} s | "
+        f"peak device {stats['peak_device_bytes'] / 2**20:.1f} MiB | policy {stats['policy']}"
+        + (f" | EMULATED LINK {stats['emulated_link']}" if stats.get("emulated_link") else "")
+    )
+
+
+def run(args) -> int:
+    import jaxmoe
+
+    if args.model is None:
+        from jaxmoe.default_model import DEFAULT_PROMPT, default_model_dir
+
+        model_dir = default_model_dir()
+        if args.prompt is None and args.prompt_file is None:
+            args.prompt = DEFAULT_PROMPT
+    else:
+        model_dir = args.model
+    if args.prompt_file is not None:
+        try:
+            prompt = args.prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise JaxmoeError(f"--prompt-file {args.prompt_file}: cannot read ({e})") from None
+    elif args.prompt is not None:
+        prompt = args.prompt
+    else:
+        raise JaxmoeError("--prompt or --prompt-file is required with --model")
+    if args.output_json is not None and args.output_json.exists():
+        raise JaxmoeError(f"--output-json {args.output_json}: already exists; not overwriting it")
+
+    offload = {k: v for k, v in dict(cache_slots=args.cache_slots, expert_cache_gb=args.expert_cache_gb,
+                                     policy=args.policy, predictor=args.predictor,
+                                     emulate_link=args.emulate_link).items() if v is not None}
+    if offload.get("policy") == "resident":
+        if len(offload) > 1:
+            raise JaxmoeError("--policy resident takes no cache, predictor or link options")
+        offload = {}
+    engine = jaxmoe.load(model_dir, dtype=args.dtype, **offload)
+    if engine.tokenizer is None:
+        raise JaxmoeError(f"{model_dir}: the model has no tokenizer files; use the Python API with token ids")
+    tok = engine.tokenizer
+    prompt_ids = tok.encode(prompt, add_special_tokens=False)
+    if engine.cfg.bos_token_id is not None and (not prompt_ids or prompt_ids[0] != engine.cfg.bos_token_id):
+        prompt_ids = [engine.cfg.bos_token_id] + prompt_ids
+
+    generated: list[int] = []
+    shown = [""]
+
+    def stream(token_id: int):
+        generated.append(token_id)
+        text = tok.decode(generated, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for complete UTF-8 sequences
+            sys.stdout.write(text[len(shown[0]):])
+            sys.stdout.flush()
+            shown[0] = text
+
+    sys.stdout.write(prompt)
+    result = engine.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k, seed=args.seed, on_token=stream)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(summary_line(result.stats), file=sys.stderr)
+    if args.output_json is not None:
+        payload = {
+            "prompt_ids": result.prompt_ids,
+            "generated_ids": result.generated_ids,
+            "text": tok.decode(result.generated_ids, skip_special_tokens=True),
+            "stats": result.stats,
+        }
+        tmp = args.output_json.with_name(f".{args.output_json.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        tmp.rename(args.output_json)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except JaxmoeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
