@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--cache-slots", type=int, default=None, help="device expert slots (offloaded run)")
     budget.add_argument("--expert-cache-gb", type=float, default=None, help="device GB for the expert cache (offloaded run)")
-    p.add_argument("--policy", default=None, help="expert cache policy (offloaded run); 'resident' keeps all weights on device")
+    p.add_argument("--policy", default="on-demand",
+                   help="expert cache policy: on-demand (LRU), lfu, or resident (every weight on the device)")
     p.add_argument("--predictor", default=None, help="predictor driving prefetch policies")
     p.add_argument("--emulate-link", default=None, metavar="GBPS[,LATENCY_US]", help="emulate a host-to-device link")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="compute/param dtype override")

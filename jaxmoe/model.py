@@ -27,6 +27,12 @@ from jaxmoe.moe import MoEBlock
 ATTENTION_MODULES = {"gqa": GQAttention, "mla": MLAttention}
 
 
+def lm_logits(final_norm: RMSNorm, head, h):
+    """h: [..., d] (pre final norm); head: [d, V] -> float32 logits [..., V]."""
+    h = final_norm(h)
+    return jnp.einsum("...d,dv->...v", h, head.astype(h.dtype)).astype(jnp.float32)
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size
@@ -70,11 +76,13 @@ class MoEModel(nnx.Module):
         dtype = dtype or self.embed.embedding[...].dtype
         return [type(layer.attn).init_cache(self.cfg, batch, max_len, dtype) for layer in self.layers]
 
+    def head_matrix(self):
+        """The output projection [d, V] (the transposed embedding when tied)."""
+        return self.embed.embedding[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
     def logits(self, h):
         """h: [..., d] (pre final norm) -> float32 logits [..., V]."""
-        h = self.final_norm(h)
-        head = self.embed.embedding[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-        return jnp.einsum("...d,dv->...v", h, head.astype(h.dtype)).astype(jnp.float32)
+        return lm_logits(self.final_norm, self.head_matrix(), h)
 
     def hidden_states(self, tokens, positions, cache, kernel: str = "auto"):
         """tokens, positions: int32[B, T] -> (h: [B, T, d] before the final norm, cache, routing list)."""

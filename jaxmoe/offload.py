@@ -1,0 +1,303 @@
+"""Offloaded inference: routed experts in host memory, a fixed pool of device expert slots.
+
+Per MoE layer and step:  attention + router on device (`moe_front`) -> top-k ids to the host (the only
+device-to-host transfer) -> `ExpertCache.ensure` loads missing experts into slots -> routed experts
+over the slot buffers (`routed_over_slots`) -> shared expert + residual (`moe_back`). Hidden states
+and the KV cache never leave the device. All jitted functions take slot buffers and slot ids as
+arguments with static shapes, so one compilation serves every layer, routing and step.
+
+Loading an expert: an asynchronous `jax.device_put` of its three host arrays, then an in-place
+(donated) write into the slot buffers; the on-demand baseline blocks until it has landed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmoe.checkpoint import abstract_model, restore_layer_experts, restore_piece, split_layer, with_sharding
+from jaxmoe.config import ModelConfig, load_config
+from jaxmoe.engine import SamplingParams, bucket_length, device_peak_bytes, generate_loop, tree_bytes
+from jaxmoe.errors import JaxmoeError
+from jaxmoe.model import ATTENTION_MODULES, lm_logits
+from jaxmoe.moe import GATHER_MAX_TOKENS, ExpertWeight, routed_experts
+from scheduler.eviction import EVICTION_POLICIES
+from scheduler.expert_cache import ExpertCache
+
+EXPERT_NAMES = ("w_gate", "w_up", "w_down")
+PREFILL_CHUNK = 256  # tokens per prefill chunk
+DEVICE_MARGIN = 0.10  # fraction of device memory left free when sizing the cache automatically
+
+
+# ----------------------------------------------------------------------------------------------
+# jitted pieces (graphdef static: equal for every MoE layer, so each compiles once per shape)
+
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def moe_front(graphdef, state, h, cache, positions):
+    """h: [B, T, d] -> (h after attention, cache, ffn input [B*T, d], expert ids int32[B*T, k], weights f32[B*T, k])."""
+    layer = nnx.merge(graphdef, *state)
+    h, cache, x = layer.attention_block(h, cache, positions)
+    flat = x.reshape(-1, x.shape[-1])
+    ids, weights, _ = layer.moe.route(flat)
+    return h, cache, flat, ids, weights
+
+
+@partial(jax.jit, static_argnames=("kernel",))
+def routed_over_slots(flat, slot_ids, weights, weight_mask, slots, kernel: str):
+    """flat: [N, d]; slot_ids: int32[N, k]; weights, weight_mask: f32[N, k]; slots: {w_*: [S, ...]} -> [N, d]."""
+    return routed_experts(flat, slot_ids, weights * weight_mask, slots["w_gate"], slots["w_up"], slots["w_down"], kernel)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def moe_back(graphdef, state, h, flat, routed):
+    """h + routed + shared expert(flat) -> [B, T, d]."""
+    layer = nnx.merge(graphdef, *state)
+    return h + (routed + layer.moe.shared_output(flat)).reshape(h.shape)
+
+
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def dense_layer(graphdef, state, h, cache, positions):
+    layer = nnx.merge(graphdef, *state)
+    h, cache, _ = layer(h, cache, positions)
+    return h, cache
+
+
+@jax.jit
+def embed_tokens(embedding, tokens):
+    return jnp.take(embedding, tokens, axis=0)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def final_logits(graphdef, state, head, h):
+    return lm_logits(nnx.merge(graphdef, state), head, h)
+
+
+@partial(jax.jit, donate_argnames=("slots",))
+def write_slot(slots, slot, expert):
+    """In-place write of one expert ({w_*: [...]}) into row `slot` of the slot buffers."""
+    return {name: slots[name].at[slot].set(expert[name].astype(slots[name].dtype)) for name in slots}
+
+
+# ----------------------------------------------------------------------------------------------
+
+def host_memory_kind(device) -> str:
+    kinds = {m.kind for m in device.addressable_memories()}
+    if "pinned_host" in kinds:
+        return "pinned_host"
+    if "unpinned_host" in kinds:
+        print("warning: backend has no pinned_host memory; expert weights use unpinned_host", file=sys.stderr)
+        return "unpinned_host"
+    raise JaxmoeError(f"device {device} exposes no host memory kind; cannot offload experts")
+
+
+class ExpertStore:
+    """Every routed expert as host-memory jax arrays: `get((layer, e))` -> {w_gate [d,f], w_up [d,f], w_down [f,d]}."""
+
+    def __init__(self, model_dir: Path, cfg: ModelConfig, abstract_experts: dict[int, dict], dtype, device):
+        self.memory_kind = host_memory_kind(device)
+        host = jax.sharding.SingleDeviceSharding(device, memory_kind=self.memory_kind)
+        self.experts: dict[tuple[int, int], dict] = {}
+        for layer, abstract in abstract_experts.items():
+            stack = restore_layer_experts(model_dir, layer, abstract, host)
+            arrays = {name: np.asarray(stack[name]) for name in EXPERT_NAMES}
+            del stack
+            for e in range(cfg.num_experts):
+                self.experts[(layer, e)] = {n: jax.device_put(arrays[n][e].astype(dtype), host) for n in EXPERT_NAMES}
+        first = next(iter(self.experts.values()))
+        self.expert_bytes = sum(a.nbytes for a in first.values())
+        self.expert_shapes = {n: (first[n].shape, first[n].dtype) for n in EXPERT_NAMES}
+
+    def get(self, key):
+        return self.experts[key]
+
+
+def choose_num_slots(cfg: ModelConfig, expert_bytes: int, resident_bytes: int, device,
+                     cache_slots: int | None, expert_cache_gb: float | None) -> int:
+    """Number of device expert slots from the flags or, by default, from free device memory."""
+    total = cfg.num_experts * len(cfg.moe_layer_ids)
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if limit is not None and resident_bytes > limit:
+        raise JaxmoeError(f"non-expert weights and KV cache need {resident_bytes / 1e9:.2f} GB but the device has {limit / 1e9:.2f} GB")
+    if cache_slots is not None:
+        slots, flag = cache_slots, f"--cache-slots {cache_slots}"
+    elif expert_cache_gb is not None:
+        slots, flag = int(expert_cache_gb * 1e9 // expert_bytes), f"--expert-cache-gb {expert_cache_gb}"
+        if limit is not None and resident_bytes + expert_cache_gb * 1e9 > limit:
+            raise JaxmoeError(f"{flag}: with {resident_bytes / 1e9:.2f} GB of non-expert weights and KV cache it exceeds the device's {limit / 1e9:.2f} GB")
+    else:
+        if limit is None:
+            return total
+        free = limit * (1 - DEVICE_MARGIN) - resident_bytes
+        slots, flag = int(free // expert_bytes), "the free device memory"
+    if slots < cfg.num_experts_per_tok:
+        raise JaxmoeError(f"{flag}: gives {slots} expert slots, fewer than one layer's top-k ({cfg.num_experts_per_tok})")
+    return min(slots, total)
+
+
+class OffloadEngine:
+    """Generation with host-resident experts and a fixed-slot device expert cache."""
+
+    def __init__(self, cfg: ModelConfig, store: ExpertStore, layer_parts: list, globals_parts: dict, num_slots: int,
+                 policy: str, tokenizer=None, device=None):
+        if policy not in EVICTION_POLICIES:
+            raise JaxmoeError(f"--policy {policy!r}: unknown; available: resident, {', '.join(EVICTION_POLICIES)}")
+        self.cfg, self.store, self.tokenizer, self.policy = cfg, store, tokenizer, policy
+        self.device = device or jax.devices()[0]
+        self.layer_parts = layer_parts  # per layer: (is_moe, graphdef, (expert placeholder state, rest state))
+        self.globals = globals_parts
+        g = globals_parts
+        self.weight_bytes = tree_bytes([p[2] for p in layer_parts]) + tree_bytes((g["embedding"], g["head"], g["norm"][1]))
+        self.device_sharding = jax.sharding.SingleDeviceSharding(self.device)
+        self.slots = {n: jnp.zeros((num_slots, *shape), dtype) for n, (shape, dtype) in store.expert_shapes.items()}
+        self.cache = ExpertCache(num_slots, EVICTION_POLICIES[policy](), self._load_expert, store.expert_bytes)
+        self._kv = None
+        self._decode_stats_base = None
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, model_dir, dtype=None, tokenizer=None, cache_slots=None, expert_cache_gb=None,
+             policy="on-demand", predictor=None, emulate_link=None, max_len: int = 4096):
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise JaxmoeError(f"{model_dir}: no such directory")
+        if predictor is not None or emulate_link is not None:
+            raise JaxmoeError("--predictor / --emulate-link need a prefetching policy, which is not available yet")
+        cfg = load_config(model_dir)
+        if not cfg.moe_layer_ids:
+            raise JaxmoeError(f"{model_dir}: the model has no MoE layers to offload")
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        device = jax.devices()[0]
+        dev = jax.sharding.SingleDeviceSharding(device)
+        graphdef, abstract_state = abstract_model(cfg, dtype)
+        pure = abstract_state.to_pure_dict()
+        restored = restore_piece(model_dir, "globals", with_sharding({k: v for k, v in pure.items() if k != "layers"}, dev))
+        layers, abstract_experts = {}, {}
+        for i, tree in pure["layers"].items():
+            dense, experts = split_layer(tree)
+            layers[i] = restore_piece(model_dir, f"layer_{i:03d}/dense", with_sharding(dense, dev))
+            if experts is not None:
+                abstract_experts[i] = experts
+                layers[i]["moe"]["experts"] = {n: jnp.zeros((0,), dtype) for n in EXPERT_NAMES}  # placeholders
+        restored["layers"] = layers
+        nnx.replace_by_pure_dict(abstract_state, restored)
+        model = nnx.merge(graphdef, abstract_state)
+        layer_parts = []
+        for layer in model.layers:
+            g, experts_state, rest = nnx.split(layer, ExpertWeight, ...)
+            layer_parts.append((layer.is_moe, g, (experts_state, rest)))
+        g_norm, norm_state = nnx.split(model.final_norm)
+        globals_parts = {"embedding": model.embed.embedding[...], "head": model.head_matrix(),
+                         "norm": (g_norm, norm_state)}
+        store = ExpertStore(model_dir, cfg, abstract_experts, dtype, device)
+        resident = tree_bytes(restored) + kv_cache_bytes(model, max_len)
+        num_slots = choose_num_slots(cfg, store.expert_bytes, resident, device, cache_slots, expert_cache_gb)
+        return cls(cfg, store, layer_parts, globals_parts, num_slots, policy or "on-demand", tokenizer, device)
+
+    # -- expert transfers --------------------------------------------------------------------------
+    def _load_expert(self, key, slot: int) -> None:
+        on_device = jax.device_put(self.store.get(key), self.device_sharding)
+        self.slots = write_slot(self.slots, jnp.int32(slot), on_device)
+        jax.block_until_ready(self.slots)  # on-demand: the layer waits for its experts
+
+    def _routed(self, layer: int, flat, ids, weights, valid_rows: np.ndarray):
+        """Routed-expert output [N, d] for one layer, loading experts in groups of at most num_slots."""
+        ids_host = np.asarray(ids)  # [N, k]: the routing decision, the only device->host copy
+        needed = np.unique(ids_host[valid_rows])
+        kernel = "gather" if flat.shape[0] <= GATHER_MAX_TOKENS else "grouped"
+        num_slots = self.cache.num_slots
+        routed = None
+        for start in range(0, len(needed), num_slots):
+            group = needed[start : start + num_slots]
+            slot_of = self.cache.ensure([(layer, int(e)) for e in group])
+            lut = np.full(self.cfg.num_experts, -1, np.int32)
+            lut[group] = [slot_of[(layer, int(e))] for e in group]
+            slot_ids = lut[ids_host]
+            in_group = slot_ids >= 0
+            slot_ids[~in_group] = lut[group[0]]
+            part = routed_over_slots(flat, jnp.asarray(slot_ids), weights, jnp.asarray(in_group, jnp.float32),
+                                     self.slots, kernel)
+            routed = part if routed is None else routed + part
+        return routed
+
+    # -- the StepRunner protocol ---------------------------------------------------------------------
+    def start(self, max_len: int) -> None:
+        self._kv = [None] * self.cfg.num_layers
+        self._max_len = max_len
+        self._decode_stats_base = None
+
+    def _forward(self, tokens, positions, valid_rows: np.ndarray):
+        """tokens, positions: int32[1, T] -> h [1, T, d] (pre final norm), updating the KV cache."""
+        h = embed_tokens(self.globals["embedding"], tokens)
+        for i, (is_moe, g, state) in enumerate(self.layer_parts):
+            if self._kv[i] is None:
+                attention = ATTENTION_MODULES[self.cfg.attention_kind]
+                self._kv[i] = attention.init_cache(self.cfg, 1, self._max_len, h.dtype)
+            if not is_moe:
+                h, self._kv[i] = dense_layer(g, state, h, self._kv[i], positions)
+                continue
+            h, self._kv[i], flat, ids, weights = moe_front(g, state, h, self._kv[i], positions)
+            routed = self._routed(i, flat, ids, weights, valid_rows)
+            h = moe_back(g, state, h, flat, routed)
+        return h
+
+    def _logits(self, h_last):
+        g, st = self.globals["norm"]
+        return final_logits(g, st, self.globals["head"], h_last)
+
+    def prefill(self, tokens: np.ndarray, length: int):
+        padded = tokens.shape[1]
+        chunk = min(padded, PREFILL_CHUNK)
+        last = None
+        for start in range(0, padded, chunk):
+            if start >= length:
+                break
+            positions = np.arange(start, start + chunk, dtype=np.int32)[None]
+            valid = positions[0] < length
+            h = self._forward(jnp.asarray(tokens[:, start : start + chunk]), jnp.asarray(positions), valid)
+            if start <= length - 1 < start + chunk:
+                last = h[:, length - 1 - start]
+        self._decode_stats_base = self.cache.stats.as_dict()
+        return self._logits(last)
+
+    def decode(self, token, position: int):
+        h = self._forward(token[:, None], jnp.array([[position]], jnp.int32), np.ones(1, bool))
+        return self._logits(h[:, 0])
+
+    def stats(self) -> dict:
+        total = self.cache.stats.as_dict()
+        base = self._decode_stats_base or {"hits": 0, "misses": 0, "h2d_bytes": 0, "stall_s": 0.0}
+        hits, misses = total["hits"] - base["hits"], total["misses"] - base["misses"]
+        slot_bytes = tree_bytes(self.slots)
+        fallback = self.weight_bytes + slot_bytes + tree_bytes(self._kv)
+        return {
+            "policy": self.policy,
+            "cache_slots": self.cache.num_slots,
+            "expert_bytes": self.store.expert_bytes,
+            "hit_rate": hits / (hits + misses) if hits + misses else 1.0,
+            "h2d_bytes": total["h2d_bytes"] - base["h2d_bytes"],
+            "stall_s": total["stall_s"] - base["stall_s"],
+            "prefill_hit_rate": base["hits"] / (base["hits"] + base["misses"]) if base["hits"] + base["misses"] else 1.0,
+            "prefill_h2d_bytes": base["h2d_bytes"],
+            "prefill_stall_s": base["stall_s"],
+            "peak_device_bytes": device_peak_bytes(fallback),
+            "host_memory_kind": self.store.memory_kind,
+            "cache": total,
+        }
+
+    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int = 0, on_token=None):
+        sampling = SamplingParams(temperature, top_p, top_k, seed)
+        return generate_loop(self, self.cfg, prompt_ids, max_new_tokens, sampling, on_token)
+
+
+def kv_cache_bytes(model, max_len: int) -> int:
+    shapes = jax.eval_shape(lambda: model.init_cache(1, max_len))
+    return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
+

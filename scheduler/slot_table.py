@@ -1,0 +1,62 @@
+"""`SlotTable`: the mapping between expert keys and a fixed pool of device slots.
+
+A key is `(layer, expert)`. Each slot is free or holds one key; a slot can be pinned (the running
+layer needs it, so it must not be evicted). Pure bookkeeping: no JAX, no timing.
+"""
+
+from __future__ import annotations
+
+ExpertKey = tuple[int, int]
+
+
+class SlotTable:
+    def __init__(self, num_slots: int):
+        if num_slots < 1:
+            raise ValueError("num_slots must be >= 1")
+        self.num_slots = num_slots
+        self.key_in_slot: list[ExpertKey | None] = [None] * num_slots
+        self.slot_of: dict[ExpertKey, int] = {}
+        self.pinned: set[int] = set()
+
+    def lookup(self, key: ExpertKey) -> int | None:
+        return self.slot_of.get(key)
+
+    def free_slots(self) -> list[int]:
+        return [s for s, k in enumerate(self.key_in_slot) if k is None]
+
+    def evictable_slots(self) -> list[int]:
+        """Occupied slots that are not pinned."""
+        return [s for s, k in enumerate(self.key_in_slot) if k is not None and s not in self.pinned]
+
+    def assign(self, key: ExpertKey, slot: int) -> ExpertKey | None:
+        """Puts `key` in `slot`, returning the key it evicted (or None). Refuses pinned slots."""
+        if slot in self.pinned:
+            raise ValueError(f"slot {slot} is pinned")
+        if key in self.slot_of:
+            raise ValueError(f"{key} already in slot {self.slot_of[key]}")
+        evicted = self.key_in_slot[slot]
+        if evicted is not None:
+            del self.slot_of[evicted]
+        self.key_in_slot[slot] = key
+        self.slot_of[key] = slot
+        return evicted
+
+    def release(self, slot: int) -> None:
+        """Empties `slot` (e.g. a cancelled transfer)."""
+        key = self.key_in_slot[slot]
+        if key is not None:
+            del self.slot_of[key]
+        self.key_in_slot[slot] = None
+        self.pinned.discard(slot)
+
+    def pin(self, slot: int) -> None:
+        self.pinned.add(slot)
+
+    def unpin_all(self) -> None:
+        self.pinned.clear()
+
+    def check(self) -> None:
+        """Asserts internal consistency (used by tests and fuzzers)."""
+        assert len(self.slot_of) == sum(k is not None for k in self.key_in_slot)
+        for key, slot in self.slot_of.items():
+            assert self.key_in_slot[slot] == key
