@@ -7,8 +7,13 @@ from convert.converter import DTYPES, convert
 from jaxmoe.errors import JaxmoeError
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one `error: ...` line and exit 2, like every other refusal (no usage dump)
+        self.exit(2, f"error: {message} (see python -m convert --help)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert", description="Convert a Hugging Face MoE checkpoint for jaxmoe.")
+    parser = _Parser(prog="python -m convert", description="Convert a Hugging Face MoE checkpoint for jaxmoe.")
     parser.add_argument("hf_dir", help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer)")
     parser.add_argument("out_dir", help="output model directory (created; must not exist or be empty)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="parameter dtype (default: the checkpoint's)")

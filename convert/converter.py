@@ -58,7 +58,10 @@ def model_config_from_hf(hf: dict, dtype: str | None) -> ModelConfig:
         dtype = HF_DTYPE_NAMES.get(str(hf.get("dtype") or hf.get("torch_dtype")), "bfloat16")
     if dtype not in DTYPES:
         raise JaxmoeError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    return FAMILIES[model_type].config_from_hf(hf, dtype)
+    try:
+        return FAMILIES[model_type].config_from_hf(hf, dtype)
+    except (TypeError, ValueError, KeyError) as e:  # a field of the wrong type, or a missing sub-field
+        raise JaxmoeError(f"config.json: invalid {model_type} config ({type(e).__name__}: {e})") from None
 
 
 def _flatten(tree: dict, prefix=()) -> dict[tuple, object]:
@@ -181,7 +184,10 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, force: bool =
             trash = out_dir.parent / f".{out_dir.name}.replaced-{os.getpid()}"
             out_dir.rename(trash)
             tmp_dir.rename(out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
+            if trash.is_dir() and not trash.is_symlink():
+                shutil.rmtree(trash, ignore_errors=True)
+            else:  # --force over a plain file (or a link): rmtree would leave it behind as debris
+                trash.unlink()
         else:
             tmp_dir.rename(out_dir)
     finally:

@@ -30,6 +30,8 @@ class SafetensorsSource:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as e:
                 raise JaxmoeError(f"{index_path}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise JaxmoeError(f"{index_path}: not a valid safetensors index (weight_map must map tensor names to file names)")
             files = sorted(set(weight_map.values()))
         elif (self.hf_dir / SINGLE_FILE).is_file():
             weight_map, files = None, [SINGLE_FILE]
