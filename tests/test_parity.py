@@ -76,3 +76,16 @@ def test_greedy_generation_matches_transformers(family, converted_model):
     ref = out[0, len(prompt):].tolist()
     assert ours == ref
     assert len(ours) >= 16
+
+
+def test_decode_never_recompiles(converted_model):
+    from jaxmoe.engine import decode_step
+
+    _, model_dir = converted_model("mixtral")
+    engine = jaxmoe.load(model_dir)
+    # every request below fits the same 16-position cache bucket: compiled once, reused for every step
+    engine.generate([5, 6, 7], max_new_tokens=12)
+    compiled = decode_step._cache_size()
+    engine.generate([9, 10, 11, 12, 13], max_new_tokens=10)
+    engine.generate([20, 21], max_new_tokens=13, temperature=0.8, top_p=0.9, seed=3)
+    assert decode_step._cache_size() == compiled
