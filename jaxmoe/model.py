@@ -56,6 +56,7 @@ class DecoderLayer(nnx.Module):
         h, cache, x = self.attention_block(h, cache, positions)
         if self.is_moe:
             y, routing = self.moe(x, kernel)
+            routing["hidden"] = h.reshape(-1, h.shape[-1])  # residual stream entering the MoE block
         else:
             y, routing = self.mlp(x), None
         return h + y, cache, routing

@@ -1,0 +1,118 @@
+"""The predictor interface and the training-free predictors.
+
+Layers are addressed by *MoE-layer position* p (index into `cfg.moe_layer_ids`, dense layers skipped).
+At position p of the current token a predictor sees the residual hidden state entering that MoE block
+and that layer's router logits, and scores the experts of the next `horizon` positions p+1 ... p+H;
+positions past the last MoE layer wrap to the next token's first MoE layers.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+MAX_HORIZON = 4
+
+
+class Predictor(Protocol):
+    name: str
+
+    def reset(self) -> None:
+        """Forget per-sequence history (a new prompt starts)."""
+
+    def predict(self, pos: int, hidden: np.ndarray, router_logits: np.ndarray, horizon: int) -> np.ndarray:
+        """hidden: float32[d]; router_logits: float32[E] -> float32[horizon, E] scores (higher = likelier)."""
+
+    def observe(self, pos: int, expert_ids: np.ndarray) -> None:
+        """The experts the current token actually chose at MoE position `pos` (int[k])."""
+
+
+def target_positions(pos: int, horizon: int, num_moe_layers: int) -> list[int]:
+    return [(pos + j) % num_moe_layers for j in range(1, horizon + 1)]
+
+
+class FrequencyPredictor:
+    """Per-layer LFU: how often each expert was chosen so far in this run."""
+
+    name = "frequency"
+
+    def __init__(self, num_moe_layers: int, num_experts: int):
+        self.counts = np.zeros((num_moe_layers, num_experts), np.float32)
+
+    def reset(self) -> None:
+        pass  # frequencies persist across requests, like an LFU cache
+
+    def predict(self, pos, hidden, router_logits, horizon):
+        return self.counts[target_positions(pos, horizon, len(self.counts))]
+
+    def observe(self, pos, expert_ids):
+        self.counts[pos, expert_ids] += 1
+
+
+class PreviousTokenPredictor:
+    """The experts the previous token chose at the same layer."""
+
+    name = "previous-token"
+
+    def __init__(self, num_moe_layers: int, num_experts: int):
+        self.last = np.zeros((num_moe_layers, num_experts), np.float32)
+        self.pending = np.zeros_like(self.last)
+
+    def reset(self) -> None:
+        self.last[:] = 0
+        self.pending[:] = 0
+
+    def predict(self, pos, hidden, router_logits, horizon):
+        rows = target_positions(pos, horizon, len(self.last))
+        # a wrapped row targets the next token: the current token's choice there is the freshest history
+        return np.stack([self.pending[r] if r <= pos and self.pending[r].any() else self.last[r] for r in rows])
+
+    def observe(self, pos, expert_ids):
+        row = np.zeros(self.last.shape[1], np.float32)
+        row[expert_ids] = 1
+        self.pending[pos] = row
+        if pos == len(self.last) - 1:  # token finished: its routing becomes "previous"
+            self.last[:] = self.pending
+            self.pending[:] = 0
+
+
+class GateLookaheadPredictor:
+    """ProMoE-style pre-gating: apply later layers' pre-router norm + router to the current hidden state.
+
+    router_kernels: float32[L, d, E]; norm_scales: float32[L, d]; selection_bias: float32[L, E] or None.
+    """
+
+    name = "gate-lookahead"
+
+    def __init__(self, router_kernels, norm_scales, eps: float, selection_bias=None):
+        self.router_kernels = np.asarray(router_kernels, np.float32)
+        self.norm_scales = np.asarray(norm_scales, np.float32)
+        self.eps = eps
+        self.selection_bias = None if selection_bias is None else np.asarray(selection_bias, np.float32)
+
+    def reset(self) -> None:
+        pass
+
+    def predict(self, pos, hidden, router_logits, horizon):
+        rows = target_positions(pos, horizon, len(self.router_kernels))
+        h = np.asarray(hidden, np.float32)
+        normed = h / np.sqrt(np.mean(h * h) + self.eps)  # [d]
+        x = normed[None, :] * self.norm_scales[rows]  # [H, d]
+        scores = np.einsum("hd,hde->he", x, self.router_kernels[rows])
+        if self.selection_bias is not None:  # sigmoid routers with a selection bias (DeepSeek-V3)
+            scores = 1.0 / (1.0 + np.exp(-scores)) + self.selection_bias[rows]
+        return scores
+
+    def observe(self, pos, expert_ids):
+        pass
+
+    @classmethod
+    def from_layer_trees(cls, moe_layer_trees: list[dict], eps: float) -> "GateLookaheadPredictor":
+        """From the pure-dict state of each MoE layer (keys post_attn_norm.scale, moe.router, moe.router_bias)."""
+        kernels = np.stack([np.asarray(t["moe"]["router"], np.float32) for t in moe_layer_trees])
+        scales = np.stack([np.asarray(t["post_attn_norm"]["scale"], np.float32) for t in moe_layer_trees])
+        bias = None
+        if "router_bias" in moe_layer_trees[0]["moe"]:
+            bias = np.stack([np.asarray(t["moe"]["router_bias"], np.float32) for t in moe_layer_trees])
+        return cls(kernels, scales, eps, bias)
