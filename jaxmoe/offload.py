@@ -13,6 +13,7 @@ Loading an expert: an asynchronous `jax.device_put` of its three host arrays, th
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -28,8 +29,11 @@ from jaxmoe.engine import SamplingParams, bucket_length, device_peak_bytes, gene
 from jaxmoe.errors import JaxmoeError
 from jaxmoe.model import ATTENTION_MODULES, lm_logits
 from jaxmoe.moe import GATHER_MAX_TOKENS, ExpertWeight, routed_experts
-from scheduler.eviction import EVICTION_POLICIES
+from predictors.base import FrequencyPredictor, GateLookaheadPredictor, PreviousTokenPredictor
+from scheduler.eviction import LFU, LRU, Belady
 from scheduler.expert_cache import ExpertCache
+from scheduler.link import EmulatedLink
+from scheduler.planners import Adaptive, NoPrefetch, OraclePlanner, PlanContext, PreSched, TopKPrefetch
 
 EXPERT_NAMES = ("w_gate", "w_up", "w_down")
 PREFILL_CHUNK = 256  # tokens per prefill chunk
@@ -41,12 +45,13 @@ DEVICE_MARGIN = 0.10  # fraction of device memory left free when sizing the cach
 
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def moe_front(graphdef, state, h, cache, positions):
-    """h: [B, T, d] -> (h after attention, cache, ffn input [B*T, d], expert ids int32[B*T, k], weights f32[B*T, k])."""
+    """h: [B, T, d] -> (h after attention, cache, ffn input [B*T, d], expert ids int32[B*T, k],
+    weights f32[B*T, k], router logits f32[B*T, E])."""
     layer = nnx.merge(graphdef, *state)
     h, cache, x = layer.attention_block(h, cache, positions)
     flat = x.reshape(-1, x.shape[-1])
-    ids, weights, _ = layer.moe.route(flat)
-    return h, cache, flat, ids, weights
+    ids, weights, logits = layer.moe.route(flat)
+    return h, cache, flat, ids, weights, logits
 
 
 @partial(jax.jit, static_argnames=("kernel",))
@@ -141,13 +146,29 @@ def choose_num_slots(cfg: ModelConfig, expert_bytes: int, resident_bytes: int, d
     return min(slots, total)
 
 
+POLICIES = ("on-demand", "lfu", "prefetch", "presched", "adaptive", "oracle")
+PREDICTOR_POLICIES = ("prefetch", "presched", "adaptive")
+PREDICTORS = ("gate-lookahead", "previous-token", "frequency")
+
+
+def make_planner(policy: str):
+    return {"on-demand": NoPrefetch, "lfu": NoPrefetch, "prefetch": TopKPrefetch, "presched": PreSched,
+            "adaptive": Adaptive}[policy]()
+
+
 class OffloadEngine:
-    """Generation with host-resident experts and a fixed-slot device expert cache."""
+    """Generation with host-resident experts and a fixed-slot device expert cache.
+
+    policy: on-demand (LRU, no prefetch), lfu, prefetch / presched / adaptive (predictor-driven
+    prefetch by the transfer thread), oracle (true future routing from a first run: Belady eviction +
+    perfect prefetch). During prefill every prefetching policy loads the next MoE layer's experts
+    while the current layer computes (DuoServe), residency bounded by the cache.
+    """
 
     def __init__(self, cfg: ModelConfig, store: ExpertStore, layer_parts: list, globals_parts: dict, num_slots: int,
-                 policy: str, tokenizer=None, device=None):
-        if policy not in EVICTION_POLICIES:
-            raise JaxmoeError(f"--policy {policy!r}: unknown; available: resident, {', '.join(EVICTION_POLICIES)}")
+                 policy: str = "on-demand", predictor=None, link: EmulatedLink | None = None, tokenizer=None, device=None):
+        if policy not in POLICIES:
+            raise JaxmoeError(f"--policy {policy!r}: unknown; available: resident, {', '.join(POLICIES)}")
         self.cfg, self.store, self.tokenizer, self.policy = cfg, store, tokenizer, policy
         self.device = device or jax.devices()[0]
         self.layer_parts = layer_parts  # per layer: (is_moe, graphdef, (expert placeholder state, rest state))
@@ -156,9 +177,20 @@ class OffloadEngine:
         self.weight_bytes = tree_bytes([p[2] for p in layer_parts]) + tree_bytes((g["embedding"], g["head"], g["norm"][1]))
         self.device_sharding = jax.sharding.SingleDeviceSharding(self.device)
         self.slots = {n: jnp.zeros((num_slots, *shape), dtype) for n, (shape, dtype) in store.expert_shapes.items()}
-        self.cache = ExpertCache(num_slots, EVICTION_POLICIES[policy](), self._load_expert, store.expert_bytes)
+        self._slots_lock = threading.Lock()  # guards replacing self.slots (donated) vs dispatching readers
+        self.num_slots, self.link = num_slots, link
+        self.moe_layer_ids = cfg.moe_layer_ids
+        self.pos_of_layer = {layer: p for p, layer in enumerate(self.moe_layer_ids)}
+        if policy in PREDICTOR_POLICIES and predictor is None:
+            predictor = self.build_predictor("gate-lookahead")
+        self.predictor = predictor if policy in PREDICTOR_POLICIES else None
+        self._new_cache(make_planner(policy) if policy != "oracle" else NoPrefetch(), LFU() if policy == "lfu" else LRU())
         self._kv = None
-        self._decode_stats_base = None
+        self._decode_base = None
+
+    def _new_cache(self, planner, eviction) -> None:
+        self.planner = planner
+        self.cache = ExpertCache(self.num_slots, eviction, self._copy_expert, self.store.expert_bytes, self.link)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -167,8 +199,12 @@ class OffloadEngine:
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise JaxmoeError(f"{model_dir}: no such directory")
-        if predictor is not None or emulate_link is not None:
-            raise JaxmoeError("--predictor / --emulate-link need a prefetching policy, which is not available yet")
+        policy = policy or "on-demand"
+        if policy not in POLICIES:
+            raise JaxmoeError(f"--policy {policy!r}: unknown; available: resident, {', '.join(POLICIES)}")
+        if predictor is not None and policy not in PREDICTOR_POLICIES:
+            raise JaxmoeError(f"--predictor only applies to the policies {', '.join(PREDICTOR_POLICIES)}")
+        link = EmulatedLink.parse(emulate_link) if emulate_link is not None else None
         cfg = load_config(model_dir)
         if not cfg.moe_layer_ids:
             raise JaxmoeError(f"{model_dir}: the model has no MoE layers to offload")
@@ -198,39 +234,118 @@ class OffloadEngine:
         store = ExpertStore(model_dir, cfg, abstract_experts, dtype, device)
         resident = tree_bytes(restored) + kv_cache_bytes(model, max_len)
         num_slots = choose_num_slots(cfg, store.expert_bytes, resident, device, cache_slots, expert_cache_gb)
-        return cls(cfg, store, layer_parts, globals_parts, num_slots, policy or "on-demand", tokenizer, device)
+        engine = cls(cfg, store, layer_parts, globals_parts, num_slots, policy, None, link, tokenizer, device)
+        if predictor is not None:
+            engine.predictor = engine.build_predictor(predictor)
+        return engine
 
-    # -- expert transfers --------------------------------------------------------------------------
-    def _load_expert(self, key, slot: int) -> None:
+    def build_predictor(self, spec: str):
+        """gate-lookahead | previous-token | frequency | PATH (a trained LLaPor directory)."""
+        num_pos, num_experts = len(self.moe_layer_ids), self.cfg.num_experts
+        if spec == "gate-lookahead":
+            trees = [self.layer_parts[layer][2][1].to_pure_dict() for layer in self.moe_layer_ids]
+            return GateLookaheadPredictor.from_layer_trees(trees, self.cfg.rms_norm_eps)
+        if spec == "previous-token":
+            return PreviousTokenPredictor(num_pos, num_experts)
+        if spec == "frequency":
+            return FrequencyPredictor(num_pos, num_experts)
+        path = Path(spec)
+        if not path.is_dir():
+            raise JaxmoeError(f"--predictor {spec!r}: not one of {', '.join(PREDICTORS)} nor a trained predictor directory")
+        from predictors.llapor import LLaPorPredictor
+
+        predictor = LLaPorPredictor.load(path)
+        if getattr(predictor, "num_experts", num_experts) != num_experts:
+            raise JaxmoeError(f"--predictor {spec}: trained for {predictor.num_experts} experts, the model has {num_experts}")
+        return predictor
+
+    # -- expert transfers (transfer thread) ----------------------------------------------------------------
+    def _copy_expert(self, key, slot: int) -> None:
         on_device = jax.device_put(self.store.get(key), self.device_sharding)
-        self.slots = write_slot(self.slots, jnp.int32(slot), on_device)
-        jax.block_until_ready(self.slots)  # on-demand: the layer waits for its experts
+        jax.block_until_ready(on_device)  # the host-to-device copy itself: this thread waits, not the decode loop
+        with self._slots_lock:
+            self.slots = write_slot(self.slots, jnp.int32(slot), on_device)
 
-    def _routed(self, layer: int, flat, ids, weights, valid_rows: np.ndarray):
+    # -- one MoE layer -------------------------------------------------------------------------------
+    def _ensure(self, keys):
+        t0 = time.perf_counter()
+        if self._last_layer_done is not None and self._decoding:
+            compute = t0 - self._last_layer_done
+            self._layer_compute_s = compute if self._layer_compute_s is None else 0.9 * self._layer_compute_s + 0.1 * compute
+        slots = self.cache.ensure(keys)
+        self._requests.append(set(keys))
+        if isinstance(self.cache.policy, Belady):
+            self.cache.policy.advance(len(self._requests))
+        self._last_layer_done = time.perf_counter()
+        return slots
+
+    def _routed(self, layer: int, flat, ids, weights, h, logits, valid_rows: np.ndarray):
         """Routed-expert output [N, d] for one layer, loading experts in groups of at most num_slots."""
-        ids_host = np.asarray(ids)  # [N, k]: the routing decision, the only device->host copy
+        pos = self.pos_of_layer[layer]
+        want_features = self._decoding and self.predictor is not None
+        if want_features:  # the routing decision plus the predictor's inputs: one small device->host copy
+            ids_host, hidden, router_logits = jax.device_get((ids, h[0, -1], logits[-1]))
+        else:
+            ids_host = np.asarray(ids)  # [N, k]: the routing decision, the only device->host copy
         needed = np.unique(ids_host[valid_rows])
         kernel = "gather" if flat.shape[0] <= GATHER_MAX_TOKENS else "grouped"
-        num_slots = self.cache.num_slots
         routed = None
-        for start in range(0, len(needed), num_slots):
-            group = needed[start : start + num_slots]
-            slot_of = self.cache.ensure([(layer, int(e)) for e in group])
+        for start in range(0, len(needed), self.num_slots):
+            group = needed[start : start + self.num_slots]
+            slot_of = self._ensure([(layer, int(e)) for e in group])
             lut = np.full(self.cfg.num_experts, -1, np.int32)
             lut[group] = [slot_of[(layer, int(e))] for e in group]
             slot_ids = lut[ids_host]
             in_group = slot_ids >= 0
             slot_ids[~in_group] = lut[group[0]]
-            part = routed_over_slots(flat, jnp.asarray(slot_ids), weights, jnp.asarray(in_group, jnp.float32),
-                                     self.slots, kernel)
+            with self._slots_lock:
+                part = routed_over_slots(flat, jnp.asarray(slot_ids), weights, jnp.asarray(in_group, jnp.float32),
+                                         self.slots, kernel)
             routed = part if routed is None else routed + part
+        self.planner.feedback(pos, needed)
+        if self.predictor is not None:  # history: this token's experts (in prefill: the last prompt token's)
+            self.predictor.observe(pos, needed if self._decoding else ids_host[np.flatnonzero(valid_rows)[-1]])
+        self._plan_prefetch(pos, hidden if want_features else None, router_logits if want_features else None)
         return routed
+
+    def _plan_prefetch(self, pos: int, hidden, router_logits) -> None:
+        """Queues the next transfers while the device computes this layer."""
+        planner = self.planner
+        if isinstance(planner, NoPrefetch) or (self._decoding and planner.horizon == 0):
+            return
+        num_pos = len(self.moe_layer_ids)
+        if not self._decoding:  # DuoServe prefill: the whole next MoE layer, under this layer's compute
+            if pos + 1 >= num_pos:
+                return
+            nxt = self.moe_layer_ids[pos + 1]
+            keys = [(nxt, e) for e in range(self.cfg.num_experts)][: self.num_slots - self.cfg.num_experts_per_tok]
+            self.cache.prefetch(keys, keys)
+            return
+        scores = None
+        if self.predictor is not None:
+            scores = self.predictor.predict(pos, hidden, router_logits, planner.horizon)
+        bandwidth = self.cache.measured_bandwidth
+        transfer_s = self.store.expert_bytes / bandwidth if bandwidth else 1e-4
+        if self.link is not None:
+            transfer_s = max(transfer_s, self.link.transfer_s(self.store.expert_bytes))
+        ctx = PlanContext(step=len(self._requests) - 1, pos=pos, num_positions=num_pos, layer_of_pos=self.moe_layer_ids,
+                          top_k=self.cfg.num_experts_per_tok, num_slots=self.num_slots, scores=scores,
+                          resident=self.cache.resident_keys(), transfer_s=transfer_s,
+                          layer_compute_s=self._layer_compute_s or transfer_s)
+        keys, protect = planner.plan(ctx)
+        self.cache.prefetch(keys, protect)
 
     # -- the StepRunner protocol ---------------------------------------------------------------------
     def start(self, max_len: int) -> None:
         self._kv = [None] * self.cfg.num_layers
         self._max_len = max_len
-        self._decode_stats_base = None
+        self._decode_base = None
+        self._decoding = False
+        self._requests: list[set] = []
+        self._last_layer_done = None
+        self._layer_compute_s = None
+        if self.predictor is not None:
+            self.predictor.reset()
 
     def _forward(self, tokens, positions, valid_rows: np.ndarray):
         """tokens, positions: int32[1, T] -> h [1, T, d] (pre final norm), updating the KV cache."""
@@ -242,8 +357,8 @@ class OffloadEngine:
             if not is_moe:
                 h, self._kv[i] = dense_layer(g, state, h, self._kv[i], positions)
                 continue
-            h, self._kv[i], flat, ids, weights = moe_front(g, state, h, self._kv[i], positions)
-            routed = self._routed(i, flat, ids, weights, valid_rows)
+            h, self._kv[i], flat, ids, weights, logits = moe_front(g, state, h, self._kv[i], positions)
+            routed = self._routed(i, flat, ids, weights, h, logits, valid_rows)
             h = moe_back(g, state, h, flat, routed)
         return h
 
@@ -263,8 +378,11 @@ class OffloadEngine:
             h = self._forward(jnp.asarray(tokens[:, start : start + chunk]), jnp.asarray(positions), valid)
             if start <= length - 1 < start + chunk:
                 last = h[:, length - 1 - start]
-        self._decode_stats_base = self.cache.stats.as_dict()
-        return self._logits(last)
+        logits = self._logits(last)
+        self._decode_base = self.cache.stats.as_dict()
+        self._decoding = True
+        self._last_layer_done = None
+        return logits
 
     def decode(self, token, position: int):
         h = self._forward(token[:, None], jnp.array([[position]], jnp.int32), np.ones(1, bool))
@@ -272,29 +390,49 @@ class OffloadEngine:
 
     def stats(self) -> dict:
         total = self.cache.stats.as_dict()
-        base = self._decode_stats_base or {"hits": 0, "misses": 0, "h2d_bytes": 0, "stall_s": 0.0}
-        hits, misses = total["hits"] - base["hits"], total["misses"] - base["misses"]
-        slot_bytes = tree_bytes(self.slots)
-        fallback = self.weight_bytes + slot_bytes + tree_bytes(self._kv)
-        return {
+        base = self._decode_base or {k: 0 for k in total}
+        decode = {k: total[k] - base[k] for k in ("hits", "late_hits", "misses", "prefetches", "prefetch_hits",
+                                                   "wasted_prefetch_bytes", "h2d_bytes", "stall_s", "link_busy_s")}
+        requests = decode["hits"] + decode["late_hits"] + decode["misses"]
+        fallback = self.weight_bytes + tree_bytes(self.slots) + tree_bytes(self._kv)
+        stats = {
             "policy": self.policy,
-            "cache_slots": self.cache.num_slots,
+            "predictor": getattr(self.predictor, "name", None),
+            "cache_slots": self.num_slots,
             "expert_bytes": self.store.expert_bytes,
-            "hit_rate": hits / (hits + misses) if hits + misses else 1.0,
-            "h2d_bytes": total["h2d_bytes"] - base["h2d_bytes"],
-            "stall_s": total["stall_s"] - base["stall_s"],
-            "prefill_hit_rate": base["hits"] / (base["hits"] + base["misses"]) if base["hits"] + base["misses"] else 1.0,
+            "hit_rate": decode["hits"] / requests if requests else 1.0,
+            "h2d_bytes": decode["h2d_bytes"],
+            "stall_s": decode["stall_s"],
+            "prefetch_precision": decode["prefetch_hits"] / decode["prefetches"] if decode["prefetches"] else 0.0,
+            "decode_cache": decode,
+            "prefill_hit_rate": base["hit_rate"] if self._decode_base else 1.0,
             "prefill_h2d_bytes": base["h2d_bytes"],
             "prefill_stall_s": base["stall_s"],
             "peak_device_bytes": device_peak_bytes(fallback),
             "host_memory_kind": self.store.memory_kind,
+            "layer_compute_s": self._layer_compute_s,
             "cache": total,
         }
+        if isinstance(self.planner, Adaptive):
+            stats["adaptive_horizon"] = self.planner.current_horizon
+            stats["adaptive_width"] = self.planner.current_width
+        if self.link is not None:
+            stats["emulated_link"] = self.link.describe()
+        return stats
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int = 0, on_token=None):
         sampling = SamplingParams(temperature, top_p, top_k, seed)
-        return generate_loop(self, self.cfg, prompt_ids, max_new_tokens, sampling, on_token)
+        try:
+            if self.policy == "oracle":  # a first run records the true routing; the measured run replays it
+                self._new_cache(NoPrefetch(), LRU())
+                generate_loop(self, self.cfg, prompt_ids, max_new_tokens, sampling, None)
+                self.cache.close()
+                future = self._requests
+                self._new_cache(OraclePlanner(future), Belady(future))
+            return generate_loop(self, self.cfg, prompt_ids, max_new_tokens, sampling, on_token)
+        finally:
+            self.cache.close()
 
 
 def kv_cache_bytes(model, max_len: int) -> int:

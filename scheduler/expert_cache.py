@@ -1,84 +1,252 @@
-"""`ExpertCache`: makes the experts a layer needs resident in device slots, on demand.
+"""`ExpertCache`: device expert slots filled by one host-side transfer thread (AsyncIO).
 
-The runtime calls `ensure(keys)` with the (layer, expert) keys the running layer routes to; hits
-are pinned in place, misses take a free slot or the eviction policy's victim (never a slot the same
-call pinned) and are loaded through the `load(key, slot)` callback the runtime supplies (which
-blocks until the copy has landed). Counts hits, misses, bytes moved and the time spent waiting.
+The main (decode) thread calls `ensure(keys)` with the (layer, expert) keys the running layer routes
+to. Resident keys are pinned; keys already in flight (prefetched, not yet landed) are waited for;
+missing keys get a slot (free, or the eviction policy's victim among slots that are neither pinned nor
+in flight) and are queued as *demand* transfers ahead of every prefetch. The main thread then waits
+for exactly those transfers; that wait is the stall.
+
+`prefetch(keys, protect)` replaces the queue of pending prefetches (stale ones are dropped): the
+transfer thread takes them in order, never evicting a pinned, in-flight or protected key, and drops a
+prefetch for which no slot can be freed. At most one transfer is in flight at a time (one link).
+
+The copy itself is the runtime's `load(key, slot)` callback (jax.device_put + slot write); with an
+`EmulatedLink` the thread additionally waits until bytes/bandwidth + latency have elapsed.
+A failure in the thread is re-raised in the main thread (same exception object, original
+traceback) at its next `ensure`, within `POLL_S` while it waits.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
+from scheduler.link import EmulatedLink
 from scheduler.slot_table import ExpertKey, SlotTable
+
+POLL_S = 0.05
 
 
 @dataclass
 class CacheStats:
-    hits: int = 0
-    misses: int = 0
+    hits: int = 0  # requested key resident and ready
+    late_hits: int = 0  # requested key prefetched but still in flight (waited for)
+    misses: int = 0  # requested key absent: demand transfer
+    prefetches: int = 0  # prefetch transfers completed
+    prefetch_hits: int = 0  # prefetched keys later requested (ready or late)
+    wasted_prefetch_bytes: int = 0  # prefetched keys evicted before any use
     h2d_bytes: int = 0
-    stall_s: float = 0.0  # wall time spent waiting for expert copies inside ensure()
+    stall_s: float = 0.0  # main-thread wall time waiting for expert transfers
+    link_busy_s: float = 0.0  # transfer-thread time spent copying
     hits_per_layer: Counter = field(default_factory=Counter)
     misses_per_layer: Counter = field(default_factory=Counter)
+    h2d_bytes_per_layer: Counter = field(default_factory=Counter)
+
+    @property
+    def requests(self) -> int:
+        return self.hits + self.late_hits + self.misses
 
     @property
     def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 1.0
+        return self.hits / self.requests if self.requests else 1.0
 
     def as_dict(self) -> dict:
+        per_layer = lambda c: {str(k): v for k, v in sorted(c.items())}  # noqa: E731
         return {
-            "hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate, "h2d_bytes": self.h2d_bytes,
-            "stall_s": self.stall_s,
-            "hits_per_layer": {str(k): v for k, v in sorted(self.hits_per_layer.items())},
-            "misses_per_layer": {str(k): v for k, v in sorted(self.misses_per_layer.items())},
+            "hits": self.hits, "late_hits": self.late_hits, "misses": self.misses, "hit_rate": self.hit_rate,
+            "prefetches": self.prefetches, "prefetch_hits": self.prefetch_hits,
+            "prefetch_precision": self.prefetch_hits / self.prefetches if self.prefetches else 0.0,
+            "wasted_prefetch_bytes": self.wasted_prefetch_bytes, "h2d_bytes": self.h2d_bytes,
+            "stall_s": self.stall_s, "link_busy_s": self.link_busy_s,
+            "hits_per_layer": per_layer(self.hits_per_layer), "misses_per_layer": per_layer(self.misses_per_layer),
+            "h2d_bytes_per_layer": per_layer(self.h2d_bytes_per_layer),
         }
 
 
 class ExpertCache:
-    def __init__(self, num_slots: int, policy, load: Callable[[ExpertKey, int], None], expert_bytes: int):
+    def __init__(self, num_slots: int, policy, load: Callable[[ExpertKey, int], None], expert_bytes: int,
+                 link: EmulatedLink | None = None):
         self.table = SlotTable(num_slots)
         self.policy = policy
         self.load = load
         self.expert_bytes = expert_bytes
+        self.link = link
         self.stats = CacheStats()
+        self.measured_bandwidth: float | None = None  # bytes/s, EMA over transfers
+        self._cond = threading.Condition()
+        self._in_flight: dict[int, threading.Event] = {}  # slot -> landed
+        self._demand: deque[tuple[ExpertKey, int]] = deque()
+        self._pending: deque[ExpertKey] = deque()
+        self._protect: frozenset = frozenset()
+        self._prefetched_unused: set[ExpertKey] = set()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
 
     @property
     def num_slots(self) -> int:
         return self.table.num_slots
 
+    # -- main thread ----------------------------------------------------------------------------------
     def ensure(self, keys: Sequence[ExpertKey]) -> dict[ExpertKey, int]:
-        """Loads every key (distinct, at most num_slots of them) into a slot -> {key: slot}."""
+        """Makes every key (distinct, at most num_slots) resident and pinned -> {key: slot}. Blocks."""
         if len(keys) > self.table.num_slots:
             raise ValueError(f"{len(keys)} experts requested at once but only {self.table.num_slots} slots")
-        self.table.unpin_all()
+        self._raise_if_failed()
+        self._start()
+        wanted = set(keys)
+        waits: list[threading.Event] = []
         slots: dict[ExpertKey, int] = {}
-        missing = []
-        for key in keys:
-            slot = self.table.lookup(key)
-            if slot is None:
-                missing.append(key)
-                continue
-            slots[key] = slot
-            self.table.pin(slot)
-            self.stats.hits += 1
-            self.stats.hits_per_layer[key[0]] += 1
-        for key in missing:
-            free = self.table.free_slots()
-            slot = free[0] if free else self.policy.victim(self.table)
-            self.table.assign(key, slot)
-            self.table.pin(slot)
-            t0 = time.perf_counter()
-            self.load(key, slot)
-            self.stats.stall_s += time.perf_counter() - t0
-            self.stats.misses += 1
-            self.stats.misses_per_layer[key[0]] += 1
-            self.stats.h2d_bytes += self.expert_bytes
-            slots[key] = slot
+        with self._cond:
+            self.table.unpin_all()
+            missing = []
+            for key in keys:
+                slot = self.table.lookup(key)
+                if slot is None:
+                    missing.append(key)
+                    continue
+                self.table.pin(slot)
+                slots[key] = slot
+                if slot in self._in_flight:
+                    waits.append(self._in_flight[slot])
+                    self.stats.late_hits += 1
+                else:
+                    self.stats.hits += 1
+                    self.stats.hits_per_layer[key[0]] += 1
+                if key in self._prefetched_unused or slot in self._in_flight:
+                    self.stats.prefetch_hits += 1
+                    self._prefetched_unused.discard(key)
+            self._pending = deque(k for k in self._pending if k not in wanted)
+            for key in missing:
+                slot = self._claim_slot(key, protect=wanted)
+                while slot is None:  # every other slot pinned or in flight: wait for a transfer to land
+                    self._cond.wait(POLL_S)
+                    self._raise_if_failed()
+                    slot = self._claim_slot(key, protect=wanted)
+                self.table.pin(slot)
+                slots[key] = slot
+                self._demand.append((key, slot))
+                waits.append(self._in_flight[slot])
+                self.stats.misses += 1
+                self.stats.misses_per_layer[key[0]] += 1
+            self._cond.notify_all()
+        t0 = time.perf_counter()
+        for event in waits:
+            while not event.wait(POLL_S):
+                self._raise_if_failed()
+        self.stats.stall_s += time.perf_counter() - t0
+        self._raise_if_failed()
         for key in keys:
             self.policy.touch(key)
         return slots
+
+    def prefetch(self, keys: Iterable[ExpertKey], protect: Iterable[ExpertKey] = ()) -> None:
+        """Replaces the pending prefetches with `keys` (most urgent first). Keys in `protect` (and the
+        requested keys themselves) are not evicted to make room for them."""
+        self._raise_if_failed()
+        self._start()
+        with self._cond:
+            self._pending = deque(k for k in dict.fromkeys(keys) if self.table.lookup(k) is None)
+            self._protect = frozenset(protect) | frozenset(self._pending)
+            self._cond.notify_all()
+
+    def resident_keys(self) -> set[ExpertKey]:
+        with self._cond:
+            return set(self.table.slot_of)
+
+    def close(self) -> None:
+        """Stops the transfer thread (after the copy in progress) and drops pending prefetches.
+        The cache stays usable: the next `ensure`/`prefetch` starts a new thread."""
+        with self._cond:
+            self._closed = True
+            self._pending.clear()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._cond:
+            self._closed = False
+
+    # -- shared helpers (caller holds the lock) ------------------------------------------------------
+    def _claim_slot(self, key: ExpertKey, protect) -> int | None:
+        """A free slot, or the victim among slots neither pinned, in flight nor protected; assigns key."""
+        free = self.table.free_slots()
+        if free:
+            slot = free[0]
+        else:
+            candidates = [s for s in self.table.evictable_slots()
+                          if s not in self._in_flight and self.table.key_in_slot[s] not in protect]
+            if not candidates:
+                return None
+            slot = self.policy.victim(self.table, candidates)
+        evicted = self.table.assign(key, slot)
+        if evicted is not None and evicted in self._prefetched_unused:
+            self._prefetched_unused.discard(evicted)
+            self.stats.wasted_prefetch_bytes += self.expert_bytes
+        self._in_flight[slot] = threading.Event()
+        return slot
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _start(self) -> None:
+        if self._thread is None and not self._closed:
+            self._thread = threading.Thread(target=self._run, name="jaxmoe-expert-transfers", daemon=True)
+            self._thread.start()
+
+    # -- transfer thread ---------------------------------------------------------------------------
+    def _next_transfer(self):
+        """(key, slot, is_prefetch) of the next transfer, or None when closed. Holds the lock."""
+        while True:
+            if self._closed:
+                return None
+            if self._demand:
+                key, slot = self._demand.popleft()
+                return key, slot, False
+            while self._pending:
+                key = self._pending.popleft()
+                if self.table.lookup(key) is not None:
+                    continue
+                slot = self._claim_slot(key, protect=self._protect)
+                if slot is not None:
+                    return key, slot, True
+            self._cond.wait()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                job = self._next_transfer()
+            if job is None:
+                return
+            key, slot, is_prefetch = job
+            t0 = time.perf_counter()
+            try:
+                self.load(key, slot)
+                if self.link is not None:
+                    remaining = t0 + self.link.transfer_s(self.expert_bytes) - time.perf_counter()
+                    if remaining > 0:
+                        time.sleep(remaining)
+            except BaseException as e:  # noqa: BLE001 — surfaced in the main thread
+                with self._cond:
+                    self._error = e
+                    for event in self._in_flight.values():
+                        event.set()
+                    self._cond.notify_all()
+                return
+            elapsed = time.perf_counter() - t0
+            with self._cond:
+                self.stats.h2d_bytes += self.expert_bytes
+                self.stats.h2d_bytes_per_layer[key[0]] += self.expert_bytes
+                self.stats.link_busy_s += elapsed
+                rate = self.expert_bytes / max(elapsed, 1e-9)
+                self.measured_bandwidth = rate if self.measured_bandwidth is None else 0.8 * self.measured_bandwidth + 0.2 * rate
+                if is_prefetch:
+                    self.stats.prefetches += 1
+                    if slot not in self.table.pinned:
+                        self._prefetched_unused.add(key)
+                self._in_flight.pop(slot).set()
+                self._cond.notify_all()

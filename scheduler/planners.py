@@ -1,0 +1,228 @@
+"""Prefetch planners: after each MoE layer is routed, decide which experts to fetch next, in what order.
+
+A planner sees a `PlanContext` (the predictor's scores for the next MoE positions, what is resident,
+the measured transfer and compute times) and returns the keys to prefetch, most urgent first, plus the
+keys to protect from eviction. Layers are addressed by MoE position p; position p + j wraps to the
+next token's MoE layers. Planners never see the model, only keys, scores and times.
+
+- `NoPrefetch`     on-demand and lfu: react to misses only.
+- `TopKPrefetch`   prefetch: the predictor's top-k for each of the next `horizon` layers.
+- `PreSched`       PreScope's cross-layer plan under a cost model (see its docstring).
+- `Adaptive`       ExpertFlow: horizon and width from the measured bandwidth/compute ratio and the
+                   predictor's running accuracy.
+- `OraclePlanner`  the true future routing (bound).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from scheduler.slot_table import ExpertKey
+
+MAX_HORIZON = 4
+
+
+@dataclass
+class PlanContext:
+    step: int  # index of the ensure() call just made (global over the run)
+    pos: int  # MoE position just routed
+    num_positions: int  # MoE layers per token
+    layer_of_pos: tuple[int, ...]  # model layer index of each MoE position
+    top_k: int
+    num_slots: int
+    scores: np.ndarray | None  # float32[H, E]: predictor scores for positions pos+1 .. pos+H
+    resident: set  # keys currently in (or in flight to) the cache
+    transfer_s: float  # seconds to move one expert (measured)
+    layer_compute_s: float  # seconds of compute per MoE layer (measured)
+
+    def key(self, j: int, expert: int) -> ExpertKey:
+        """Key of `expert` at MoE position pos + j (j >= 1)."""
+        return (self.layer_of_pos[(self.pos + j) % self.num_positions], int(expert))
+
+
+def ranked(scores_row: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` highest scores, best first."""
+    count = min(count, scores_row.shape[0])
+    top = np.argpartition(-scores_row, count - 1)[:count]
+    return top[np.argsort(-scores_row[top], kind="stable")]
+
+
+class NoPrefetch:
+    name = "none"
+    horizon = 0
+
+    def plan(self, ctx: PlanContext):
+        return [], set()
+
+    def feedback(self, pos: int, experts) -> None:
+        pass
+
+
+class _Feedback:
+    """Running accuracy of the horizon-1 predictions (recall of the top-k), shared by the planners."""
+
+    def __init__(self):
+        self.predicted: dict[int, set] = {}
+        self.recall = 0.8  # prior until measured
+        self.rank_hits: dict[tuple[int, int], list[float]] = {}  # (j, rank) -> [used, predicted]
+        self.ranked_at: dict[int, list[tuple[int, np.ndarray]]] = {}
+
+    def remember(self, ctx: PlanContext, max_rank: int) -> None:
+        if ctx.scores is None:
+            return
+        for j in range(1, ctx.scores.shape[0] + 1):
+            target = (ctx.pos + j) % ctx.num_positions
+            order = ranked(ctx.scores[j - 1], max_rank)
+            self.ranked_at.setdefault(target, []).append((j, order))
+            if j == 1:
+                self.predicted[target] = set(order[: ctx.top_k].tolist())
+
+    def feedback(self, pos: int, experts) -> None:
+        used = {int(e) for e in experts}
+        if pos in self.predicted and used:
+            hit = len(self.predicted.pop(pos) & used) / len(used)
+            self.recall = 0.9 * self.recall + 0.1 * hit
+        for j, order in self.ranked_at.pop(pos, []):
+            for r, e in enumerate(order.tolist()):
+                stat = self.rank_hits.setdefault((j, r), [0.0, 0.0])
+                stat[0] += e in used
+                stat[1] += 1
+
+    def probability(self, j: int, rank: int, top_k: int) -> float:
+        """Calibrated P(expert ranked `rank` at horizon j is used), with a prior of 2 pseudo-counts."""
+        prior = (0.85 if rank < top_k else 0.25) * (0.9 ** (j - 1))
+        used, seen = self.rank_hits.get((j, rank), (0.0, 0.0))
+        return (used + 2 * prior) / (seen + 2)
+
+
+class TopKPrefetch(_Feedback):
+    """The predictor's top-`width` experts for each of the next `horizon` MoE layers, nearest first."""
+
+    name = "prefetch"
+
+    def __init__(self, horizon: int = 2, width: int | None = None):
+        super().__init__()
+        self.horizon, self.width = horizon, width
+
+    def plan(self, ctx: PlanContext):
+        width = self.width or ctx.top_k
+        self.remember(ctx, width)
+        keys = [ctx.key(j, e) for j in range(1, ctx.scores.shape[0] + 1) for e in ranked(ctx.scores[j - 1], width)]
+        keys = keys[: ctx.num_slots - ctx.top_k]  # never plan more than the cache can hold beside the running layer
+        return keys, set(keys)
+
+
+class PreSched(_Feedback):
+    """PreScope's prefetch-aware cross-layer scheduling (PreSched) under a cost model.
+
+    Inputs per plan: predictor scores S[j, e] for the next H MoE layers; T_x, the measured time to move
+    one expert over the link; T_c, the measured compute time of one MoE layer; the resident set.
+
+    1. Probability: the expert ranked r at horizon j is used with probability p(j, r), calibrated online
+       from feedback (how often rank r at horizon j was actually routed to), with a prior.
+    2. Deadline: layer pos + j starts after about D_j = j * T_c seconds.
+    3. Benefit: a transfer that completes at time F saves p * min(T_x, max(0, D_j + T_x - F)) seconds of
+       expected stall (all of a demand transfer if early, part of it if late, nothing if it would land
+       after the demand transfer would have).
+    4. Greedy selection: candidates (j, r < 2k, not resident) in decreasing p; tentatively add each to
+       the accepted set, simulate the link serving the accepted set in earliest-deadline order, and keep
+       the candidate if every accepted transfer still saves at least MIN_BENEFIT * T_x and the number
+       accepted fits the slots not needed by the running layer. Output in earliest-deadline order.
+    Resident experts predicted with p >= PROTECT_P within the horizon are protected from eviction.
+    """
+
+    name = "presched"
+    MIN_BENEFIT = 0.1
+    PROTECT_P = 0.3
+
+    def __init__(self, horizon: int = MAX_HORIZON):
+        super().__init__()
+        self.horizon = horizon
+
+    def plan(self, ctx: PlanContext):
+        k = ctx.top_k
+        self.remember(ctx, 2 * k)
+        t_x, t_c = max(ctx.transfer_s, 1e-9), max(ctx.layer_compute_s, 1e-9)
+        candidates, protect = [], set()
+        for j in range(1, ctx.scores.shape[0] + 1):
+            for r, e in enumerate(ranked(ctx.scores[j - 1], 2 * k)):
+                key, p = ctx.key(j, e), self.probability(j, r, k)
+                if key in ctx.resident:
+                    if p >= self.PROTECT_P:
+                        protect.add(key)
+                    continue
+                candidates.append((p, j, key))
+        candidates.sort(key=lambda c: (-c[0], c[1]))
+        capacity = max(0, ctx.num_slots - k - len(protect))
+        accepted: list[tuple[float, int, ExpertKey]] = []
+        for cand in candidates:
+            if len(accepted) >= capacity:
+                break
+            trial = sorted(accepted + [cand], key=lambda c: (c[1], -c[0]))
+            finish, ok = 0.0, True
+            for p, j, _ in trial:
+                finish += t_x
+                if min(t_x, j * t_c + t_x - finish) < self.MIN_BENEFIT * t_x:
+                    ok = False
+                    break
+            if ok:
+                accepted = trial
+        keys = [key for _, _, key in accepted]
+        return keys, protect | set(keys)
+
+
+class Adaptive(_Feedback):
+    """ExpertFlow's adaptive horizon: each step, H = clip(ceil(k * T_x / T_c), 1, 4) layers ahead — far
+    enough for the link to move a layer's k experts before they are needed — and width k widened up to
+    2k as the predictor's running recall falls below TARGET_RECALL; capped by what the link can move
+    within the horizon (H * T_c / T_x transfers) and by the free capacity. Cache-aware: resident
+    predicted experts are protected, not re-fetched."""
+
+    name = "adaptive"
+    TARGET_RECALL = 0.9
+
+    def __init__(self):
+        super().__init__()
+        self.horizon = MAX_HORIZON
+        self.current_horizon = 1
+        self.current_width = 0
+
+    def plan(self, ctx: PlanContext):
+        k = ctx.top_k
+        self.remember(ctx, 2 * k)
+        ratio = max(ctx.transfer_s, 1e-9) / max(ctx.layer_compute_s, 1e-9)
+        h = int(min(ctx.scores.shape[0], max(1, math.ceil(k * ratio))))
+        width = min(2 * k, k + math.ceil(max(0.0, self.TARGET_RECALL - self.recall) * 2 * k))
+        budget = max(k, int(h / ratio)) if ratio > 0 else h * width
+        self.current_horizon, self.current_width = h, width
+        keys, protect = [], set()
+        for j in range(1, h + 1):
+            for e in ranked(ctx.scores[j - 1], width):
+                key = ctx.key(j, e)
+                protect.add(key)
+                if key not in ctx.resident:
+                    keys.append(key)
+        keys = keys[: min(budget, max(0, ctx.num_slots - k))]
+        return keys, protect
+
+
+class OraclePlanner:
+    """Perfect prefetch: the experts each of the next `horizon` steps will really request."""
+
+    name = "oracle"
+
+    def __init__(self, future: list[set[ExpertKey]], horizon: int = MAX_HORIZON):
+        self.future, self.horizon = future, horizon
+
+    def plan(self, ctx: PlanContext):
+        keys: list[ExpertKey] = []
+        for t in range(ctx.step + 1, min(len(self.future), ctx.step + 1 + self.horizon)):
+            keys.extend(sorted(self.future[t]))
+        keys = list(dict.fromkeys(keys))[: max(0, ctx.num_slots - ctx.top_k)]
+        return keys, set(keys)
+
+    def feedback(self, pos: int, experts) -> None:
+        pass
