@@ -1,0 +1,131 @@
+"""Scheduling may change speed, never results: fuzzed policies, predictors, cache sizes and transfer
+delays all reproduce the resident model's tokens; transfer-thread faults surface in the caller."""
+
+import random
+import signal
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+import jaxmoe
+from jaxmoe.offload import POLICIES, OffloadEngine
+
+PROMPT = [5, 17, 33, 8, 41, 12, 9, 60, 3, 27, 71, 44]
+
+
+@contextmanager
+def time_limit(seconds: int):
+    """A hang is a failure: SIGALRM interrupts the test after `seconds`."""
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"scheduler test exceeded {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class AdversarialPredictor:
+    """Scores the experts that will *not* be used highest (or random noise)."""
+
+    name = "adversarial"
+
+    def __init__(self, num_experts: int, seed: int, mode: str):
+        self.rng, self.mode, self.num_experts = np.random.default_rng(seed), mode, num_experts
+
+    def reset(self):
+        pass
+
+    def predict(self, pos, hidden, router_logits, horizon):
+        if self.mode == "random":
+            return self.rng.normal(size=(horizon, self.num_experts)).astype(np.float32)
+        return np.tile(-np.asarray(router_logits, np.float32), (horizon, 1))  # anti-correlated guess
+
+    def observe(self, pos, expert_ids):
+        pass
+
+
+def with_random_delays(engine: OffloadEngine, seed: int, max_delay_s: float):
+    rng = random.Random(seed)
+    copy = engine.cache.load
+
+    def delayed(key, slot):
+        time.sleep(rng.uniform(0, max_delay_s))
+        copy(key, slot)
+
+    engine.cache.load = delayed
+
+
+@pytest.fixture(scope="module")
+def reference(converted_model):
+    refs = {}
+
+    def get(family):
+        if family not in refs:
+            _, model_dir = converted_model(family)
+            refs[family] = (model_dir, jaxmoe.load(model_dir).generate(PROMPT, 20).generated_ids)
+        return refs[family]
+
+    return get
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_fuzzed_schedules_reproduce_resident_output(seed, reference):
+    rng = random.Random(seed)
+    family = ["qwen2_moe", "mixtral"][seed % 2]
+    model_dir, expected = reference(family)
+    policy = POLICIES[seed % len(POLICIES)]
+    slots = rng.choice([2, 3, 4, 7, 12, 18])
+    link = rng.choice([None, f"{rng.uniform(0.005, 0.05):.4f},{rng.randint(0, 300)}"])
+    engine = jaxmoe.load(model_dir, cache_slots=slots, policy=policy, **({"emulate_link": link} if link else {}))
+    if policy in ("prefetch", "presched", "adaptive"):
+        choice = rng.choice(["gate-lookahead", "previous-token", "frequency", "adversarial", "random"])
+        engine.predictor = (AdversarialPredictor(engine.cfg.num_experts, seed, choice)
+                            if choice in ("adversarial", "random") else engine.build_predictor(choice))
+    with_random_delays(engine, seed, max_delay_s=0.003)
+    with time_limit(120):
+        got = engine.generate(PROMPT, 20).generated_ids
+    assert got == expected, (policy, slots, link)
+    assert threading.active_count() == 1 or all(t.name != "jaxmoe-expert-transfers" for t in threading.enumerate())
+
+
+def test_transfer_thread_fault_surfaces_with_traceback(reference):
+    model_dir, _ = reference("mixtral")
+    engine = jaxmoe.load(model_dir, cache_slots=3, policy="prefetch")
+    calls = {"n": 0}
+    copy = engine.cache.load
+
+    def failing_copy(key, slot):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated DMA failure")
+        copy(key, slot)
+
+    engine.cache.load = failing_copy
+    t0 = time.perf_counter()
+    with time_limit(30), pytest.raises(RuntimeError, match="simulated DMA failure") as info:
+        engine.generate(PROMPT, 20)
+    assert time.perf_counter() - t0 < 10
+    frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+    assert "failing_copy" in frames  # the original traceback from the transfer thread
+    assert all(t.name != "jaxmoe-expert-transfers" for t in threading.enumerate())
+
+
+def test_emulated_link_makes_misses_stall(reference):
+    model_dir, expected = reference("mixtral")
+    slow = jaxmoe.load(model_dir, cache_slots=2, policy="on-demand", emulate_link="0.002,0")  # 2 MB/s
+    result = slow.generate(PROMPT, 6)
+    expert_s = slow.store.expert_bytes / 2e6
+    misses = result.stats["decode_cache"]["misses"]
+    assert misses > 0
+    assert result.stats["stall_s"] >= 0.9 * misses * expert_s
+    assert result.stats["emulated_link"] == "0.002 GB/s + 0 us"
+    assert result.generated_ids == expected[:6]
