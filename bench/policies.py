@@ -1,0 +1,207 @@
+"""Policy comparison: decode speed of every expert-cache policy x cache size, side by side in one run.
+
+    python -m bench.policies [--model DIR] [--cache 0.1,0.25,0.5] [--policies ...] [--link auto|GBPS[,US]]
+                             [--prompts N] [--max-new-tokens N] [--repeats N] [--out DIR]
+
+Each (policy, cache size) gets its own engine, a warm-up generation (compilation, cache fill) on a
+separate prompt, then `repeats` measured passes over the same prompts; the figures are medians over
+passes. `--link auto` sets the emulated link so that moving one expert takes as long as one MoE
+layer's compute, measured on this machine with every expert cached (the PCIe-attached GPU regime).
+Writes JSON and a Markdown table under `--out` (default bench/results/<device>/). Everything produced
+under the link emulator says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+import jaxmoe
+from jaxmoe.engine import ResidentEngine
+from jaxmoe.errors import JaxmoeError
+from jaxmoe.offload import POLICIES
+
+DEFAULT_POLICIES = ("on-demand", "lfu", "prefetch", "presched", "adaptive", "oracle")
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return d.device_kind.lower().replace(" ", "-") if d.platform != "cpu" else "cpu"
+
+
+def make_prompts(engine, count: int, length: int, seed: int = 0) -> list[list[int]]:
+    """Code prompts from CPython's standard library when the model has a tokenizer, else random ids."""
+    rng = np.random.default_rng(seed)
+    tok = engine.tokenizer
+    if tok is None:
+        return [rng.integers(3, engine.cfg.vocab_size, length).tolist() for _ in range(count + 1)]
+    import os
+
+    stdlib = Path(os.__file__).parent
+    files = sorted(p for p in stdlib.glob("*.py") if p.stat().st_size > 4000)
+    picks = rng.choice(len(files), size=count + 1, replace=False)
+    prompts = []
+    for i in picks:
+        ids = tok.encode(files[i].read_text(errors="replace"), add_special_tokens=False)
+        start = int(rng.integers(0, max(1, len(ids) - length)))
+        prompts.append(ids[start : start + length])
+    return prompts
+
+
+def run_engine(engine, prompts, max_new_tokens: int, repeats: int) -> dict:
+    """Warm-up on prompts[0], then `repeats` passes over prompts[1:]; medians of per-pass aggregates."""
+    engine.generate(prompts[0], max_new_tokens)
+    passes = []
+    for _ in range(repeats):
+        decode_s = tokens = stall = h2d = hits = requests = prefetches = prefetch_hits = ttft = 0.0
+        for prompt in prompts[1:]:
+            s = engine.generate(prompt, max_new_tokens).stats
+            decoded = s["generated_tokens"] - 1
+            decode_s += s["decode_s"]
+            tokens += decoded
+            ttft += s["ttft_s"]
+            stall += s["stall_s"]
+            h2d += s["h2d_bytes"]
+            cache = s.get("decode_cache", {})
+            hits += cache.get("hits", decoded)
+            requests += cache.get("hits", decoded) + cache.get("late_hits", 0) + cache.get("misses", 0)
+            prefetches += cache.get("prefetches", 0)
+            prefetch_hits += cache.get("prefetch_hits", 0)
+        passes.append({
+            "decode_tokens_per_s": tokens / decode_s,
+            "ttft_s": ttft / len(prompts[1:]),
+            "stall_fraction": stall / decode_s,
+            "hit_rate": hits / requests if requests else 1.0,
+            "prefetch_precision": prefetch_hits / prefetches if prefetches else None,
+            "h2d_gb_per_token": h2d / 1e9 / tokens,
+        })
+    out = {k: statistics.median(p[k] for p in passes) if passes[0][k] is not None else None for k in passes[0]}
+    out["decode_tokens_per_s_all_passes"] = [p["decode_tokens_per_s"] for p in passes]
+    return out
+
+
+def layer_compute_seconds(model_dir, prompts, max_new_tokens: int) -> float:
+    """Measured compute time of one MoE layer in the offloaded decode loop with every expert cached."""
+    engine = jaxmoe.load(model_dir, policy="on-demand")
+    engine.generate(prompts[0], max_new_tokens)
+    result = engine.generate(prompts[1], max_new_tokens)
+    return result.stats["layer_compute_s"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.policies", description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, default=None, help="converted model (default: the embedded default model)")
+    p.add_argument("--cache", default="0.1,0.25,0.5", help="cache sizes as fractions of all experts")
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
+    p.add_argument("--predictor", default=None, help="predictor for prefetch/presched/adaptive (default gate-lookahead)")
+    p.add_argument("--link", default="auto", help="'auto', 'none' or GBPS[,LATENCY_US]")
+    p.add_argument("--prompts", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--name", default="policies")
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except JaxmoeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    if args.model is None:
+        from jaxmoe.default_model import default_model_dir
+
+        args.model = default_model_dir()
+    policies = [x for x in args.policies.split(",") if x]
+    unknown = [x for x in policies if x not in POLICIES]
+    if unknown:
+        raise JaxmoeError(f"--policies: unknown {unknown}; available: {', '.join(POLICIES)}")
+    fractions = [float(x) for x in args.cache.split(",")]
+    resident = jaxmoe.load(args.model)
+    assert isinstance(resident, ResidentEngine)
+    cfg = resident.cfg
+    prompts = make_prompts(resident, args.prompts, args.prompt_tokens)
+    total_experts = cfg.num_experts * len(cfg.moe_layer_ids)
+    rows = []
+    results = {"resident": run_engine(resident, prompts, args.max_new_tokens, args.repeats)}
+    del resident
+    link = None
+    compute_s = None
+    if args.link == "auto":
+        compute_s = layer_compute_seconds(args.model, prompts, args.max_new_tokens)
+        probe = jaxmoe.load(args.model, cache_slots=cfg.num_experts_per_tok)
+        expert_bytes = probe.store.expert_bytes
+        del probe
+        link = f"{expert_bytes / compute_s / 1e9:.6f},0"
+    elif args.link != "none":
+        link = args.link
+    combos = [(f, pol) for f in fractions for pol in policies]
+    for fraction, policy in tqdm(combos, desc="policy x cache", unit="run"):
+        slots = max(cfg.num_experts_per_tok, int(round(fraction * total_experts)))
+        options = {"cache_slots": slots, "policy": policy}
+        if link:
+            options["emulate_link"] = link
+        if args.predictor and policy in ("prefetch", "presched", "adaptive"):
+            options["predictor"] = args.predictor
+        engine = jaxmoe.load(args.model, **options)
+        r = run_engine(engine, prompts, args.max_new_tokens, args.repeats)
+        r.update(cache_fraction=fraction, cache_slots=slots, policy=policy)
+        rows.append(r)
+    for fraction in fractions:
+        base = next((r for r in rows if r["cache_fraction"] == fraction and r["policy"] == "on-demand"), None)
+        oracle = next((r for r in rows if r["cache_fraction"] == fraction and r["policy"] == "oracle"), None)
+        for r in rows:
+            if r["cache_fraction"] == fraction:
+                r["vs_on_demand"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else None
+                r["vs_oracle"] = r["decode_tokens_per_s"] / oracle["decode_tokens_per_s"] if oracle else None
+    report = {
+        "model": str(args.model),
+        "family": cfg.family,
+        "experts": f"{len(cfg.moe_layer_ids)} MoE layers x {cfg.num_experts} experts, top-{cfg.num_experts_per_tok}",
+        "device": str(jax.devices()[0]),
+        "emulated_link": (f"{link} (GB/s, latency us)" + (f"; auto: one expert = one MoE layer's compute = {compute_s * 1e3:.3f} ms" if compute_s else "")) if link else None,
+        "software": {"jax": jax.__version__, "python": platform.python_version(), "platform": platform.platform()},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "resident": results["resident"],
+        "runs": rows,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    out_dir = args.out or Path(__file__).parent / "results" / device_name()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown_table(report)
+    (out_dir / f"{args.name}.md").write_text(table)
+    print(table)
+    return 0
+
+
+def markdown_table(report: dict) -> str:
+    lines = [f"# Policy comparison — {report['family']} ({report['experts']}) on {report['device']}", ""]
+    if report["emulated_link"]:
+        lines += [f"**EMULATED LINK**: {report['emulated_link']}", ""]
+    res = report["resident"]
+    lines += [f"Resident (all weights on device): {res['decode_tokens_per_s']:.1f} decode tok/s", "",
+              "| cache | policy | decode tok/s | x on-demand | x oracle | hit rate | stall frac | prefetch prec | H2D MB/tok |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
+    for r in report["runs"]:
+        lines.append(
+            f"| {r['cache_fraction']:.0%} ({r['cache_slots']}) | {r['policy']} | {r['decode_tokens_per_s']:.1f} | "
+            f"{fmt(r['vs_on_demand'], '.2f')} | {fmt(r['vs_oracle'], '.2f')} | {r['hit_rate']:.3f} | "
+            f"{r['stall_fraction']:.3f} | {fmt(r['prefetch_precision'], '.3f')} | {r['h2d_gb_per_token'] * 1e3:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
