@@ -151,6 +151,7 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, force: bool =
         raise JaxmoeError(f"{hf_dir}: no such directory")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise JaxmoeError(f"{out_dir}: already exists and is not empty; pass --force to overwrite it")
+    out_dir = Path(os.path.abspath(out_dir))  # `.` or `x/..` have no usable .name / .parent for the sibling temp dir
     hf = read_hf_config(hf_dir)
     cfg = model_config_from_hf(hf, dtype)
     source = SafetensorsSource(hf_dir)
