@@ -25,6 +25,46 @@ from jaxmoe.sampling import sample_tokens
 MIN_BUCKET = 16
 
 
+class StaticGraph:
+    """A GraphDef (and optionally the treedef of its state) for `jax.jit` static arguments, hashed once.
+
+    Hashing an NNX GraphDef walks the whole module graph and flattening an `nnx.State` runs Python
+    code; jit does both on every call, which costs more than a decode layer's dispatch. So hot paths
+    pass the state as a flat tuple of arrays (`flat_state`) with this object static; `merge` rebuilds
+    the module inside the trace. Equal graphs (every MoE layer's) compare equal: one compilation.
+    """
+
+    __slots__ = ("graphdef", "treedef", "_hash")
+
+    def __init__(self, graphdef, treedef=None):
+        self.graphdef, self.treedef = graphdef, treedef
+        self._hash = hash((graphdef, treedef))
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return isinstance(other, StaticGraph) and (self is other or (
+            self._hash == other._hash and self.graphdef == other.graphdef and self.treedef == other.treedef))
+
+    def merge(self, leaves):
+        """Inside a trace: the module from the flat state leaves."""
+        state = jax.tree.unflatten(self.treedef, leaves)
+        return nnx.merge(self.graphdef, *state) if isinstance(state, tuple) else nnx.merge(self.graphdef, state)
+
+
+_INTERNED: dict = {}
+
+
+def flat_state(graphdef, *states) -> tuple[StaticGraph, tuple]:
+    """(static graph + treedef, flat tuple of state arrays) for the hot-path jitted functions.
+    Equal graphs are interned to one object, so jit's cache lookups compare by identity."""
+    tree = states if len(states) > 1 else states[0]
+    leaves, treedef = jax.tree.flatten(tree)
+    static = StaticGraph(graphdef, treedef)
+    return _INTERNED.setdefault(static, static), tuple(leaves)
+
+
 def bucket_length(n: int) -> int:
     """Smallest power of two >= max(n, MIN_BUCKET): the padded length prompts and caches use."""
     return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
@@ -82,7 +122,7 @@ def generate_loop(runner: StepRunner, cfg: ModelConfig, prompt_ids, max_new_toke
     temperature = jnp.float32(max(sampling.temperature, 1e-6))
 
     def pick(logits, step):
-        return sample_tokens(logits, jax.random.fold_in(key, step), temperature, greedy, sampling.top_k, sampling.top_p)
+        return sample_tokens(logits, key, step, temperature, greedy, sampling.top_k, sampling.top_p)
 
     t0 = time.perf_counter()
     token = pick(runner.prefill(tokens, n), 0)
@@ -115,7 +155,7 @@ def generate_loop(runner: StepRunner, cfg: ModelConfig, prompt_ids, max_new_toke
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def prefill_step(graphdef, state, cache, tokens, lengths):
     """tokens: int32[B, T] right-padded; lengths: int32[B] -> (logits of each last real token [B, V], cache)."""
-    model = nnx.merge(graphdef, state)
+    model = graphdef.merge(state)
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     h, cache, _ = model.hidden_states(tokens, positions, cache)
@@ -126,7 +166,7 @@ def prefill_step(graphdef, state, cache, tokens, lengths):
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def decode_step(graphdef, state, cache, tokens, positions):
     """tokens, positions: int32[B] -> (logits float32[B, V], cache)."""
-    model = nnx.merge(graphdef, state)
+    model = graphdef.merge(state)
     h, cache, _ = model.hidden_states(tokens[:, None], positions[:, None], cache)
     return model.logits(h[:, 0]), cache
 
@@ -147,19 +187,20 @@ class ResidentEngine:
     policy = "resident"
 
     def __init__(self, cfg: ModelConfig, graphdef, state, tokenizer=None):
-        self.cfg, self.graphdef, self.state, self.tokenizer = cfg, graphdef, state, tokenizer
+        self.cfg, self.state, self.tokenizer = cfg, state, tokenizer
         self._model = nnx.merge(graphdef, state)
+        self._static, self._leaves = flat_state(graphdef, state)
         self._cache = None
 
     def start(self, max_len: int) -> None:
         self._cache = self._model.init_cache(1, max_len)
 
     def prefill(self, tokens, length):
-        logits, self._cache = prefill_step(self.graphdef, self.state, self._cache, jnp.asarray(tokens), jnp.array([length], jnp.int32))
+        logits, self._cache = prefill_step(self._static, self._leaves, self._cache, jnp.asarray(tokens), jnp.array([length], jnp.int32))
         return logits
 
     def decode(self, token, position):
-        logits, self._cache = decode_step(self.graphdef, self.state, self._cache, token, jnp.array([position], jnp.int32))
+        logits, self._cache = decode_step(self._static, self._leaves, self._cache, token, jnp.array([position], jnp.int32))
         return logits
 
     def stats(self) -> dict:

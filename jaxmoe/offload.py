@@ -25,7 +25,7 @@ from flax import nnx
 
 from jaxmoe.checkpoint import abstract_model, restore_layer_experts, restore_piece, split_layer, with_sharding
 from jaxmoe.config import ModelConfig, load_config
-from jaxmoe.engine import SamplingParams, bucket_length, device_peak_bytes, generate_loop, tree_bytes
+from jaxmoe.engine import SamplingParams, device_peak_bytes, flat_state, generate_loop, tree_bytes
 from jaxmoe.errors import JaxmoeError
 from jaxmoe.model import ATTENTION_MODULES, lm_logits
 from jaxmoe.moe import GATHER_MAX_TOKENS, ExpertWeight, routed_experts
@@ -46,42 +46,52 @@ DEVICE_MARGIN = 0.10  # fraction of device memory left free when sizing the cach
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def moe_front(graphdef, state, h, cache, positions):
     """h: [B, T, d] -> (h after attention, cache, ffn input [B*T, d], expert ids int32[B*T, k],
-    weights f32[B*T, k], router logits f32[B*T, E])."""
-    layer = nnx.merge(graphdef, *state)
+    weights f32[B*T, k], hidden state of the last token [d], its router logits f32[E])."""
+    layer = graphdef.merge(state)
     h, cache, x = layer.attention_block(h, cache, positions)
     flat = x.reshape(-1, x.shape[-1])
     ids, weights, logits = layer.moe.route(flat)
-    return h, cache, flat, ids, weights, logits
+    return h, cache, flat, ids, weights, h[0, -1], logits[-1]
 
 
 @partial(jax.jit, static_argnames=("kernel",))
-def routed_over_slots(flat, slot_ids, weights, weight_mask, slots, kernel: str):
-    """flat: [N, d]; slot_ids: int32[N, k]; weights, weight_mask: f32[N, k]; slots: {w_*: [S, ...]} -> [N, d]."""
-    return routed_experts(flat, slot_ids, weights * weight_mask, slots["w_gate"], slots["w_up"], slots["w_down"], kernel)
+def routed_over_slots(flat, slot_ids, weights, slots, kernel: str):
+    """flat: [N, d]; slot_ids: int32[N, k], -1 where the expert is not in this group (weight dropped);
+    weights: f32[N, k]; slots: {w_*: [S, ...]} -> [N, d]."""
+    in_group = slot_ids >= 0
+    weights = jnp.where(in_group, weights, 0.0)
+    slot_ids = jnp.where(in_group, slot_ids, 0)  # any valid slot: its contribution is weighted by 0
+    return routed_experts(flat, slot_ids, weights, slots["w_gate"], slots["w_up"], slots["w_down"], kernel)
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
 def moe_back(graphdef, state, h, flat, routed):
     """h + routed + shared expert(flat) -> [B, T, d]."""
-    layer = nnx.merge(graphdef, *state)
+    layer = graphdef.merge(state)
     return h + (routed + layer.moe.shared_output(flat)).reshape(h.shape)
 
 
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def dense_layer(graphdef, state, h, cache, positions):
-    layer = nnx.merge(graphdef, *state)
+    layer = graphdef.merge(state)
     h, cache, _ = layer(h, cache, positions)
     return h, cache
 
 
 @jax.jit
 def embed_tokens(embedding, tokens):
+    """tokens: int32[B, T], or int32[B] for one decode step -> [B, T, d]."""
+    if tokens.ndim == 1:
+        tokens = tokens[:, None]
     return jnp.take(embedding, tokens, axis=0)
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
 def final_logits(graphdef, state, head, h):
-    return lm_logits(nnx.merge(graphdef, state), head, h)
+    """h: [B, d] or [B, T, d] (the last position is used) -> float32[B, V]."""
+    if h.ndim == 3:
+        h = h[:, -1]
+    return lm_logits(graphdef.merge(state), head, h)
 
 
 @partial(jax.jit, donate_argnames=("slots",))
@@ -171,7 +181,7 @@ class OffloadEngine:
             raise JaxmoeError(f"--policy {policy!r}: unknown; available: resident, {', '.join(POLICIES)}")
         self.cfg, self.store, self.tokenizer, self.policy = cfg, store, tokenizer, policy
         self.device = device or jax.devices()[0]
-        self.layer_parts = layer_parts  # per layer: (is_moe, graphdef, (expert placeholder state, rest state))
+        self.layer_parts = layer_parts  # per layer: (is_moe, StaticGraph, flat state leaves, nnx state w/o experts)
         self.globals = globals_parts
         g = globals_parts
         self.weight_bytes = tree_bytes([p[2] for p in layer_parts]) + tree_bytes((g["embedding"], g["head"], g["norm"][1]))
@@ -227,10 +237,11 @@ class OffloadEngine:
         layer_parts = []
         for layer in model.layers:
             g, experts_state, rest = nnx.split(layer, ExpertWeight, ...)
-            layer_parts.append((layer.is_moe, g, (experts_state, rest)))
+            static, leaves = flat_state(g, experts_state, rest)  # equal layer graphs share one object
+            layer_parts.append((layer.is_moe, static, leaves, rest))
         g_norm, norm_state = nnx.split(model.final_norm)
         globals_parts = {"embedding": model.embed.embedding[...], "head": model.head_matrix(),
-                         "norm": (g_norm, norm_state)}
+                         "norm": flat_state(g_norm, norm_state)}
         store = ExpertStore(model_dir, cfg, abstract_experts, dtype, device)
         resident = tree_bytes(restored) + kv_cache_bytes(model, max_len)
         num_slots = choose_num_slots(cfg, store.expert_bytes, resident, device, cache_slots, expert_cache_gb)
@@ -243,7 +254,7 @@ class OffloadEngine:
         """gate-lookahead | previous-token | frequency | PATH (a trained LLaPor directory)."""
         num_pos, num_experts = len(self.moe_layer_ids), self.cfg.num_experts
         if spec == "gate-lookahead":
-            trees = [self.layer_parts[layer][2][1].to_pure_dict() for layer in self.moe_layer_ids]
+            trees = [self.layer_parts[layer][3].to_pure_dict() for layer in self.moe_layer_ids]
             return GateLookaheadPredictor.from_layer_trees(trees, self.cfg.rms_norm_eps)
         if spec == "previous-token":
             return PreviousTokenPredictor(num_pos, num_experts)
@@ -279,12 +290,12 @@ class OffloadEngine:
         self._last_layer_done = time.perf_counter()
         return slots
 
-    def _routed(self, layer: int, flat, ids, weights, h, logits, valid_rows: np.ndarray):
+    def _routed(self, layer: int, flat, ids, weights, h_last, logits_last, valid_rows: np.ndarray):
         """Routed-expert output [N, d] for one layer, loading experts in groups of at most num_slots."""
         pos = self.pos_of_layer[layer]
         want_features = self._decoding and self.predictor is not None
         if want_features:  # the routing decision plus the predictor's inputs: one small device->host copy
-            ids_host, hidden, router_logits = jax.device_get((ids, h[0, -1], logits[-1]))
+            ids_host, hidden, router_logits = jax.device_get((ids, h_last, logits_last))
         else:
             ids_host = np.asarray(ids)  # [N, k]: the routing decision, the only device->host copy
         needed = np.unique(ids_host[valid_rows])
@@ -295,12 +306,9 @@ class OffloadEngine:
             slot_of = self._ensure([(layer, int(e)) for e in group])
             lut = np.full(self.cfg.num_experts, -1, np.int32)
             lut[group] = [slot_of[(layer, int(e))] for e in group]
-            slot_ids = lut[ids_host]
-            in_group = slot_ids >= 0
-            slot_ids[~in_group] = lut[group[0]]
+            slot_ids = jnp.asarray(lut[ids_host])
             with self._slots_lock:
-                part = routed_over_slots(flat, jnp.asarray(slot_ids), weights, jnp.asarray(in_group, jnp.float32),
-                                         self.slots, kernel)
+                part = routed_over_slots(flat, slot_ids, weights, self.slots, kernel)
             routed = part if routed is None else routed + part
         self.planner.feedback(pos, needed)
         if self.predictor is not None:  # history: this token's experts (in prefill: the last prompt token's)
@@ -350,15 +358,15 @@ class OffloadEngine:
     def _forward(self, tokens, positions, valid_rows: np.ndarray):
         """tokens, positions: int32[1, T] -> h [1, T, d] (pre final norm), updating the KV cache."""
         h = embed_tokens(self.globals["embedding"], tokens)
-        for i, (is_moe, g, state) in enumerate(self.layer_parts):
+        for i, (is_moe, g, state, _) in enumerate(self.layer_parts):
             if self._kv[i] is None:
                 attention = ATTENTION_MODULES[self.cfg.attention_kind]
                 self._kv[i] = attention.init_cache(self.cfg, 1, self._max_len, h.dtype)
             if not is_moe:
                 h, self._kv[i] = dense_layer(g, state, h, self._kv[i], positions)
                 continue
-            h, self._kv[i], flat, ids, weights, logits = moe_front(g, state, h, self._kv[i], positions)
-            routed = self._routed(i, flat, ids, weights, h, logits, valid_rows)
+            h, self._kv[i], flat, ids, weights, h_last, logits_last = moe_front(g, state, h, self._kv[i], positions)
+            routed = self._routed(i, flat, ids, weights, h_last, logits_last, valid_rows)
             h = moe_back(g, state, h, flat, routed)
         return h
 
@@ -385,8 +393,8 @@ class OffloadEngine:
         return logits
 
     def decode(self, token, position: int):
-        h = self._forward(token[:, None], jnp.array([[position]], jnp.int32), np.ones(1, bool))
-        return self._logits(h[:, 0])
+        h = self._forward(token, jnp.array([[position]], jnp.int32), np.ones(1, bool))
+        return self._logits(h)
 
     def stats(self) -> dict:
         total = self.cache.stats.as_dict()

@@ -9,13 +9,15 @@ import jax.numpy as jnp
 
 
 @partial(jax.jit, static_argnames=("greedy", "top_k", "top_p"))
-def sample_tokens(logits, key, temperature, greedy: bool, top_k: int = 0, top_p: float = 1.0):
-    """logits: float32[B, V]; temperature: float32 scalar -> int32[B].
+def sample_tokens(logits, key, step, temperature, greedy: bool, top_k: int = 0, top_p: float = 1.0):
+    """logits: float32[B, V]; key: the request's PRNG key; step: int (the token index, folded into
+    the key); temperature: float32 scalar -> int32[B].
 
     top_k = 0 disables the top-k filter; top_p = 1.0 disables the nucleus filter.
     """
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    key = jax.random.fold_in(key, step)
     logits = logits / temperature
     if top_k > 0:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
