@@ -15,7 +15,6 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
@@ -78,13 +77,19 @@ def _dotted(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def plan_conversion(cfg: ModelConfig, source: SafetensorsSource) -> dict[tuple, list[tuple[str, Placement]]]:
-    """Maps every model parameter path to the HF keys that fill it; raises on any mismatch."""
+def plan_conversion(cfg: ModelConfig, source: SafetensorsSource):
+    """Maps every model parameter path to the HF keys that fill it; raises on any mismatch.
+
+    Returns (plan {path: [(hf key, placement)]}, dtypes {path: numpy dtype of the parameter}).
+    """
     _, abstract_state = abstract_model(cfg)
     expected = _flatten(abstract_state.to_pure_dict())
-    rules = FAMILIES[cfg.family].key_rules(cfg)
+    adapter = FAMILIES[cfg.family]
+    rules = adapter.key_rules(cfg)
     plan: dict[tuple, list[tuple[str, Placement]]] = defaultdict(list)
     for key in source.keys():
+        if adapter.ignore_key(cfg, key):
+            continue
         placement = place(key, rules)
         if placement is None or placement.path not in expected:
             raise JaxmoeError(f"{source.file_of[key]}: unused tensor {key} (no parameter of the {cfg.family} model takes it)")
@@ -104,7 +109,7 @@ def plan_conversion(cfg: ModelConfig, source: SafetensorsSource) -> dict[tuple, 
         rows = sorted(p.expert for _, p in entries) if per_expert else None
         if not entries or (per_expert and rows != list(range(struct.shape[0]))) or (not per_expert and len(entries) > 1):
             raise JaxmoeError(_missing_message(cfg, rules, path, struct, entries, source))
-    return plan
+    return plan, {path: np.dtype(struct.dtype) for path, struct in expected.items()}
 
 
 def _missing_message(cfg, rules, path, struct, entries, source) -> str:
@@ -121,11 +126,12 @@ def _missing_message(cfg, rules, path, struct, entries, source) -> str:
     return f"{source.hf_dir}: no tensor fills parameter {_dotted(path)}"
 
 
-def _read_piece(source, plan, paths, np_dtype) -> dict:
-    """Reads, transposes, casts and stacks the tensors of `paths` -> nested pure dict."""
+def _read_piece(source, plan, paths, dtypes) -> dict:
+    """Reads, transposes, casts (to each parameter's own dtype) and stacks the tensors of `paths`."""
     tree: dict = {}
     for path in paths:
         entries = plan[path]
+        np_dtype = dtypes[path]
         if entries[0][1].expert is None:
             key, placement = entries[0]
             value = source.read(key)
@@ -155,8 +161,7 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, force: bool =
     hf = read_hf_config(hf_dir)
     cfg = model_config_from_hf(hf, dtype)
     source = SafetensorsSource(hf_dir)
-    plan = plan_conversion(cfg, source)
-    np_dtype = np.dtype(jax.numpy.dtype(cfg.dtype))
+    plan, dtypes = plan_conversion(cfg, source)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.parent / f".{out_dir.name}.converting-{os.getpid()}"
@@ -168,10 +173,10 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, force: bool =
         for path in plan:
             by_layer[path[1] if path[0] == "layers" else None].append(path)
         with ocp.StandardCheckpointer() as checkpointer:
-            save_piece(checkpointer, weights, "globals", _read_piece(source, plan, by_layer[None], np_dtype))
+            save_piece(checkpointer, weights, "globals", _read_piece(source, plan, by_layer[None], dtypes))
             checkpointer.wait_until_finished()
             for layer in tqdm(range(cfg.num_layers), desc="converting layers", unit="layer", disable=not progress):
-                tree = _read_piece(source, plan, by_layer[layer], np_dtype)["layers"][layer]
+                tree = _read_piece(source, plan, by_layer[layer], dtypes)["layers"][layer]
                 for name, piece in pieces_of_layer(layer, tree).items():
                     save_piece(checkpointer, weights, name, piece)
                 checkpointer.wait_until_finished()  # frees this layer's host arrays before the next

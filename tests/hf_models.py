@@ -18,6 +18,20 @@ FAMILY_CONFIGS = {
                       norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1]),
     "qwen3_moe": dict(num_experts=6, moe_intermediate_size=16, head_dim=12, norm_topk_prob=True, mlp_only_layers=[0]),
     "olmoe": dict(num_experts=6, intermediate_size=16),
+    # MLA: heads = kv heads (MLA expands every head from the latent); v_head_dim != qk_nope_head_dim
+    # so a wrong kv_b_proj split shows; 8 experts in 4 groups with only 2 groups kept.
+    "deepseek_v2": dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+                        qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8, moe_intermediate_size=16,
+                        n_shared_experts=2, num_experts_per_tok=3, first_k_dense_replace=1,
+                        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
+                        rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64,
+                                          mscale=0.707, mscale_all_dim=0.707, beta_fast=32, beta_slow=1)),
+    "deepseek_v3": dict(num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8,
+                        qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8, moe_intermediate_size=16,
+                        n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+                        routed_scaling_factor=2.5, norm_topk_prob=True, attention_bias=True, rms_norm_eps=1e-5,
+                        rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64,
+                                          mscale=1.0, mscale_all_dim=0.8, beta_fast=32, beta_slow=1)),
 }
 
 FAMILIES = tuple(FAMILY_CONFIGS)
@@ -38,6 +52,9 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
                 p.normal_(0.0, 0.02)
             else:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+        for name, b in model.named_buffers():  # DeepSeek-V3's selection bias is a buffer, zero at init
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.1)
     return model
 
 

@@ -3,15 +3,22 @@
 from dataclasses import dataclass
 from typing import Callable
 
-from convert.families import mixtral, olmoe, qwen_moe
+from convert.families import deepseek, mixtral, olmoe, qwen_moe
 from convert.keymap import KeyRule
 from jaxmoe.config import ModelConfig
+
+
+def no_ignored_keys(cfg: ModelConfig, key: str) -> bool:
+    return False
 
 
 @dataclass(frozen=True)
 class Adapter:
     config_from_hf: Callable[[dict, str], ModelConfig]
     key_rules: Callable[[ModelConfig], list[KeyRule]]
+    # tensors the family ships that inference does not use (e.g. DeepSeek-V3's multi-token-prediction
+    # layers); every other tensor must be used exactly once
+    ignore_key: Callable[[ModelConfig, str], bool] = no_ignored_keys
 
 
 FAMILIES: dict[str, Adapter] = {
@@ -19,4 +26,6 @@ FAMILIES: dict[str, Adapter] = {
     "qwen2_moe": Adapter(qwen_moe.qwen2_config_from_hf, qwen_moe.qwen2_key_rules),
     "qwen3_moe": Adapter(qwen_moe.qwen3_config_from_hf, qwen_moe.qwen3_key_rules),
     "olmoe": Adapter(olmoe.config_from_hf, olmoe.key_rules),
+    "deepseek_v2": Adapter(deepseek.v2_config_from_hf, deepseek.key_rules),
+    "deepseek_v3": Adapter(deepseek.v3_config_from_hf, deepseek.key_rules, deepseek.is_mtp_key),
 }
