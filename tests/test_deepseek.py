@@ -232,3 +232,23 @@ def test_auto_mode_absorbs_for_short_query_blocks():
     # DeepSeek-V3 sizes: kv_lora_rank 512, nope 128, v 128 -> absorbed below ~170 query tokens
     assert absorb_is_cheaper(1, 512, 128, 128) and absorb_is_cheaper(170, 512, 128, 128)
     assert not absorb_is_cheaper(171, 512, 128, 128) and not absorb_is_cheaper(2048, 512, 128, 128)
+
+
+def test_v3_mtp_layers_skipped_and_selection_bias_kept_in_float32(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    hf_dir = build_hf_checkpoint("deepseek_v3", tmp_path / "hf")
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    num_layers = json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"]
+    mtp_key = f"model.layers.{num_layers}.eh_proj.weight"  # a multi-token-prediction layer, as V3 ships
+    save_file({mtp_key: torch.zeros(4, 4)}, str(hf_dir / "mtp.safetensors"))
+    index["weight_map"][mtp_key] = "mtp.safetensors"
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    convert(hf_dir, tmp_path / "out", dtype="bfloat16", progress=False)
+    cfg, _, state = load_resident(tmp_path / "out")
+    moe = state.to_pure_dict()["layers"][cfg.moe_layer_ids[0]]["moe"]
+    assert moe["router"].dtype == jnp.bfloat16
+    assert moe["router_bias"].dtype == jnp.float32
