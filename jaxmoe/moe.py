@@ -59,7 +59,32 @@ def experts_reference(x, slot_ids, weights, w_gate, w_up, w_down):
     return out
 
 
-EXPERT_KERNELS = {"gather": experts_gather, "grouped": experts_grouped, "reference": experts_reference}
+def experts_capacity(x, slot_ids, weights, w_gate, w_up, w_down, capacity_factor: float = 2.0):
+    """Training kernel (GShard-style): token-expert pairs scattered into per-slot buffers [S, C, d]
+    with C = ceil(capacity_factor * N * k / S), one batched matmul per weight, gathered back.
+    Pairs beyond a slot's capacity are dropped (standard in MoE training; the load-balancing loss
+    keeps drops rare). Never used for inference, which must not drop tokens."""
+    n, k = slot_ids.shape
+    num_slots, d = w_gate.shape[0], x.shape[1]
+    capacity = max(1, int(-(-capacity_factor * n * k // num_slots)))
+    flat = slot_ids.reshape(-1)  # [N*k]
+    onehot = jax.nn.one_hot(flat, num_slots, dtype=jnp.int32)  # [N*k, S]
+    rank = (jnp.cumsum(onehot, axis=0) - 1)[jnp.arange(n * k), flat]  # position of each pair in its slot
+    keep = rank < capacity
+    row = jnp.where(keep, flat * capacity + rank, num_slots * capacity)  # overflow -> a dump row
+    token_of = jnp.arange(n * k) // k
+    buf = jnp.zeros((num_slots * capacity + 1, d), x.dtype).at[row].set(x[token_of])
+    buf = buf[:-1].reshape(num_slots, capacity, d)
+    h = jax.nn.silu(jnp.einsum("scd,sdf->scf", buf, w_gate.astype(x.dtype)))
+    h = h * jnp.einsum("scd,sdf->scf", buf, w_up.astype(x.dtype))
+    y = jnp.einsum("scf,sfd->scd", h, w_down.astype(x.dtype)).reshape(num_slots * capacity, d)
+    y = jnp.concatenate([y, jnp.zeros((1, d), y.dtype)])[row]  # [N*k, d], dropped pairs -> 0
+    y = y * (weights.reshape(-1) * keep)[:, None].astype(y.dtype)
+    return jnp.zeros_like(x).at[token_of].add(y)
+
+
+EXPERT_KERNELS = {"gather": experts_gather, "grouped": experts_grouped, "reference": experts_reference,
+                  "capacity": experts_capacity}
 
 
 def routed_experts(x, slot_ids, weights, w_gate, w_up, w_down, kernel: str = "auto"):

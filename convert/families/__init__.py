@@ -19,12 +19,14 @@ class Adapter:
     # tensors the family ships that inference does not use (e.g. DeepSeek-V3's multi-token-prediction
     # layers); every other tensor must be used exactly once
     ignore_key: Callable[[ModelConfig, str], bool] = no_ignored_keys
+    # ModelConfig -> the family's Hub config.json (for `convert.export`); None where not written yet
+    config_to_hf: Callable[[ModelConfig], dict] | None = None
 
 
 FAMILIES: dict[str, Adapter] = {
     "mixtral": Adapter(mixtral.config_from_hf, mixtral.key_rules),
     "qwen2_moe": Adapter(qwen_moe.qwen2_config_from_hf, qwen_moe.qwen2_key_rules),
-    "qwen3_moe": Adapter(qwen_moe.qwen3_config_from_hf, qwen_moe.qwen3_key_rules),
+    "qwen3_moe": Adapter(qwen_moe.qwen3_config_from_hf, qwen_moe.qwen3_key_rules, config_to_hf=qwen_moe.qwen3_config_to_hf),
     "olmoe": Adapter(olmoe.config_from_hf, olmoe.key_rules),
     "deepseek_v2": Adapter(deepseek.v2_config_from_hf, deepseek.key_rules),
     "deepseek_v3": Adapter(deepseek.v3_config_from_hf, deepseek.key_rules, deepseek.is_mtp_key),

@@ -64,3 +64,23 @@ def qwen2_key_rules(cfg: ModelConfig) -> list[KeyRule]:
 def qwen3_key_rules(cfg: ModelConfig) -> list[KeyRule]:
     rules = global_rules(cfg.tie_word_embeddings) + layer_norm_rules()
     return rules + gqa_rules(cfg.attention_bias, cfg.attention_out_bias, qk_norm=True) + _ffn_rules(cfg)
+
+
+def qwen3_config_to_hf(cfg: ModelConfig) -> dict:
+    """The Hub's Qwen3-MoE config.json for `cfg` (the inverse of qwen3_config_from_hf)."""
+    if cfg.qk_norm != "head" or cfg.shared_intermediate_size or cfg.rope_scaling.kind != "default":
+        raise ValueError("config is not expressible as qwen3_moe")
+    dense = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.dense_intermediate_size or cfg.moe_intermediate_size,
+        "moe_intermediate_size": cfg.moe_intermediate_size, "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok, "norm_topk_prob": cfg.norm_topk_prob,
+        "decoder_sparse_step": 1, "mlp_only_layers": dense, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": None, "max_position_embeddings": cfg.max_position_embeddings,
+        "attention_bias": cfg.attention_bias, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "use_sliding_window": False, "sliding_window": None, "output_router_logits": False,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids[0] if cfg.eos_token_ids else None,
+    }
