@@ -177,7 +177,7 @@ def run(args) -> int:
     if args.max_docs:
         docs = [docs[i] for i in sorted(rng.choice(len(docs), args.max_docs, replace=False))]
     train_docs = [d for d in docs if not is_held_out(d[0])]
-    held_docs = [d for d in docs if is_held_out(d[0])]
+    held_docs = [d for d in docs if is_held_out(d[0])] or [train_docs.pop()]  # tiny runs: keep one held out
     print(f"documents: {len(train_docs)} train, {len(held_docs)} held-out", file=sys.stderr)
     work = out.parent / f".{out.name}.training-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
