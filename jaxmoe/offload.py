@@ -197,6 +197,7 @@ class OffloadEngine:
         self._new_cache(make_planner(policy) if policy != "oracle" else NoPrefetch(), LFU() if policy == "lfu" else LRU())
         self._kv = None
         self._decode_base = None
+        self._run_base = None
 
     def _new_cache(self, planner, eviction) -> None:
         self.planner = planner
@@ -348,6 +349,7 @@ class OffloadEngine:
         self._kv = [None] * self.cfg.num_layers
         self._max_len = max_len
         self._decode_base = None
+        self._run_base = self.cache.stats.as_dict()  # prefill stats count from here, not from the engine's creation
         self._decoding = False
         self._requests: list[set] = []
         self._last_layer_done = None
@@ -399,9 +401,13 @@ class OffloadEngine:
     def stats(self) -> dict:
         total = self.cache.stats.as_dict()
         base = self._decode_base or {k: 0 for k in total}
-        decode = {k: total[k] - base[k] for k in ("hits", "late_hits", "misses", "prefetches", "prefetch_hits",
-                                                   "wasted_prefetch_bytes", "h2d_bytes", "stall_s", "link_busy_s")}
+        run_start = self._run_base if self._decode_base else base
+        counters = ("hits", "late_hits", "misses", "prefetches", "prefetch_hits", "wasted_prefetch_bytes", "h2d_bytes",
+                    "stall_s", "link_busy_s")
+        decode = {k: total[k] - base[k] for k in counters}
+        prefill = {k: base[k] - run_start[k] for k in counters}
         requests = decode["hits"] + decode["late_hits"] + decode["misses"]
+        prefill_requests = prefill["hits"] + prefill["late_hits"] + prefill["misses"]
         fallback = self.weight_bytes + tree_bytes(self.slots) + tree_bytes(self._kv)
         stats = {
             "policy": self.policy,
@@ -413,9 +419,9 @@ class OffloadEngine:
             "stall_s": decode["stall_s"],
             "prefetch_precision": decode["prefetch_hits"] / decode["prefetches"] if decode["prefetches"] else 0.0,
             "decode_cache": decode,
-            "prefill_hit_rate": base["hit_rate"] if self._decode_base else 1.0,
-            "prefill_h2d_bytes": base["h2d_bytes"],
-            "prefill_stall_s": base["stall_s"],
+            "prefill_hit_rate": prefill["hits"] / prefill_requests if prefill_requests else 1.0,
+            "prefill_h2d_bytes": prefill["h2d_bytes"],
+            "prefill_stall_s": prefill["stall_s"],
             "peak_device_bytes": device_peak_bytes(fallback),
             "host_memory_kind": self.store.memory_kind,
             "layer_compute_s": self._layer_compute_s,

@@ -1,0 +1,136 @@
+"""`python -m jaxmoe.generate` end to end (subprocesses, run outside the repository): streamed text,
+summary line, JSON output, resident == offloaded, and one-line refusals."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "def add(a, b): return a + b"
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: the test models' pad 0, bos 1, eos 2
+
+
+def add_char_tokenizer(model_dir: Path, vocab_size: int) -> None:
+    """A character-level tokenizer with exactly `vocab_size` tokens, saved with transformers."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)][: vocab_size - len(SPECIALS)]
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    assert len(vocab) == vocab_size
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def model_dir(converted_model, tmp_path_factory):
+    _, converted = converted_model("mixtral")
+    target = tmp_path_factory.mktemp("cli") / "model"
+    shutil.copytree(converted, target)
+    config = json.loads((target / "jaxmoe.json").read_text())
+    add_char_tokenizer(target, config["vocab_size"])
+    return target
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The subprocesses' working directory: not the repository."""
+    return tmp_path_factory.mktemp("cwd")
+
+
+def cli(workdir, *args, timeout=120):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "jaxmoe.generate", *map(str, args)], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_refused(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0]
+    assert proc.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def offloaded(model_dir, workdir):
+    out = workdir / "offloaded.json"
+    proc = cli(workdir, "--model", model_dir, "--prompt", PROMPT, "--max-new-tokens", 8, "--output-json", out,
+               "--cache-slots", 3)
+    return proc, out
+
+
+def test_offloaded_run(offloaded, model_dir):
+    proc, out = offloaded
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(PROMPT)
+    last = proc.stderr.strip().splitlines()[-1]
+    for word in ("decode", "tok/s", "hit rate", "policy on-demand"):
+        assert word in last, last
+    payload = json.loads(out.read_text())
+    assert set(payload) >= {"prompt_ids", "generated_ids", "text", "stats"}
+    assert payload["prompt_ids"][0] == 1 and len(payload["prompt_ids"]) == 1 + len(PROMPT)  # bos + characters
+    assert 1 <= len(payload["generated_ids"]) <= 8
+    assert all(0 <= t < 96 for t in payload["generated_ids"])
+    assert proc.stdout.rstrip("\n") == PROMPT + payload["text"]  # exactly what was streamed
+    stats = payload["stats"]
+    for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s", "hit_rate", "h2d_bytes", "stall_s",
+                "peak_device_bytes", "cache_slots", "policy"):
+        assert key in stats, key
+    assert stats["cache_slots"] == 3 and stats["policy"] == "on-demand"
+    assert 0.0 <= stats["hit_rate"] <= 1.0 and stats["ttft_s"] > 0 and stats["peak_device_bytes"] > 0
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))  # the temporary file was renamed
+
+
+def test_resident_policy_gives_the_same_tokens(offloaded, model_dir, workdir):
+    _, offloaded_json = offloaded
+    out = workdir / "resident.json"
+    proc = cli(workdir, "--model", model_dir, "--prompt", PROMPT, "--max-new-tokens", 8, "--output-json", out,
+               "--policy", "resident")
+    assert proc.returncode == 0, proc.stderr
+    resident, offload = json.loads(out.read_text()), json.loads(offloaded_json.read_text())
+    assert resident["generated_ids"] == offload["generated_ids"]
+    assert resident["prompt_ids"] == offload["prompt_ids"]
+    assert resident["stats"]["policy"] == "resident" and resident["stats"]["h2d_bytes"] == 0
+    assert "policy resident" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_refuses_missing_model_dir(workdir):
+    missing = workdir / "no-such-model"
+    assert_refused(cli(workdir, "--model", missing, "--prompt", "x"), str(missing), "no such directory")
+
+
+def test_refuses_unconverted_dir(workdir):
+    bogus = workdir / "not-a-model"
+    bogus.mkdir(exist_ok=True)
+    (bogus / "config.json").write_text("{}")
+    assert_refused(cli(workdir, "--model", bogus, "--prompt", "x"), "jaxmoe.json", "convert")
+
+
+def test_refuses_too_few_cache_slots(model_dir, workdir):
+    assert_refused(cli(workdir, "--model", model_dir, "--prompt", "x", "--cache-slots", 1), "--cache-slots 1", "top-k")
+
+
+def test_refuses_existing_output_json(model_dir, workdir):
+    existing = workdir / "keep.json"
+    existing.write_text("precious\n")
+    assert_refused(cli(workdir, "--model", model_dir, "--prompt", "x", "--output-json", existing),
+                   "--output-json", "already exists")
+    assert existing.read_text() == "precious\n"
+
+
+def test_refuses_missing_prompt_file(model_dir, workdir):
+    assert_refused(cli(workdir, "--model", model_dir, "--prompt-file", workdir / "absent.txt"), "--prompt-file",
+                   "absent.txt")

@@ -1,0 +1,164 @@
+"""The offloaded engine reproduces the resident one exactly, for every cache size and policy, without
+recompiling; its stats, flag errors and host memory placement."""
+
+import numpy as np
+import pytest
+
+import jaxmoe
+import jaxmoe.engine
+import jaxmoe.offload
+from jaxmoe.engine import bucket_length
+
+PROMPT = [5, 17, 33, 8, 41, 12, 9, 60, 3, 27, 71, 44]  # 12 tokens: bucket 16 > 8, the grouped kernel
+PROMPT2 = [88, 14, 6, 52, 30, 19, 77, 23, 65, 10]  # a different prompt in the same buckets
+NEW_TOKENS = 16
+FAMILIES = ["qwen2_moe", "mixtral"]
+CACHE_SIZES = [2, 3, 7, 18]  # from top-k to every expert (qwen2_moe has 12 routed experts: 18 -> 12)
+POLICIES = ["on-demand", "lfu"]
+
+
+def run_prefill(engine, prompt):
+    """engine.start + engine.prefill on the right-padded prompt -> float32 logits [1, V] (numpy)."""
+    n = len(prompt)
+    tokens = np.zeros((1, bucket_length(n)), np.int32)
+    tokens[0, :n] = prompt
+    engine.start(bucket_length(tokens.shape[1] + NEW_TOKENS))
+    return np.asarray(engine.prefill(tokens, n))
+
+
+def total_experts(cfg):
+    return cfg.num_experts * len(cfg.moe_layer_ids)
+
+
+@pytest.fixture(scope="module")
+def resident(converted_model):
+    """resident(family) -> (model_dir, greedy ids, prefill logits) of the ResidentEngine."""
+    made = {}
+
+    def get(family):
+        if family not in made:
+            _, model_dir = converted_model(family)
+            engine = jaxmoe.load(model_dir)
+            logits = run_prefill(engine, PROMPT)
+            made[family] = (model_dir, engine.generate(PROMPT, NEW_TOKENS).generated_ids, logits)
+        return made[family]
+
+    return get
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("slots", CACHE_SIZES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_offloaded_equals_resident(family, slots, policy, resident):
+    model_dir, expected_ids, expected_logits = resident(family)
+    assert len(expected_ids) >= NEW_TOKENS  # no early EOS: every step is compared
+    engine = jaxmoe.load(model_dir, cache_slots=slots, policy=policy)
+    cfg = engine.cfg
+    assert engine.num_slots == min(slots, total_experts(cfg))
+
+    logits = run_prefill(engine, PROMPT)
+    scale = np.abs(expected_logits).max()
+    assert np.abs(logits - expected_logits).max() <= 1e-5 * scale
+    if slots < cfg.num_experts:  # the prompt needs more experts per layer than there are slots: groups
+        assert len(engine._requests) > len(cfg.moe_layer_ids)
+
+    result = engine.generate(PROMPT, NEW_TOKENS)
+    assert result.generated_ids == expected_ids, (family, slots, policy)
+    assert result.stats["cache_slots"] == min(slots, total_experts(cfg))
+    assert result.stats["policy"] == policy
+    assert 0.0 <= result.stats["hit_rate"] <= 1.0
+
+
+JITTED = {
+    "moe_front": jaxmoe.offload.moe_front,
+    "routed_over_slots": jaxmoe.offload.routed_over_slots,
+    "moe_back": jaxmoe.offload.moe_back,
+    "write_slot": jaxmoe.offload.write_slot,
+    "dense_layer": jaxmoe.offload.dense_layer,
+    "embed_tokens": jaxmoe.offload.embed_tokens,
+    "final_logits": jaxmoe.offload.final_logits,
+    "decode_step": jaxmoe.engine.decode_step,
+    "prefill_step": jaxmoe.engine.prefill_step,
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_recompiles_after_warmup(family, resident):
+    model_dir, _, _ = resident(family)
+    engines = [jaxmoe.load(model_dir), jaxmoe.load(model_dir, cache_slots=3, policy="on-demand"),
+               jaxmoe.load(model_dir, cache_slots=3, policy="lfu")]
+    for engine in engines:
+        engine.generate(PROMPT, NEW_TOKENS)  # warm-up: compiles prefill and decode shapes
+    before = {name: fn._cache_size() for name, fn in JITTED.items()}
+    for engine in engines:
+        engine.generate(PROMPT2, NEW_TOKENS)  # other tokens, routing, evictions, length; same buckets
+    after = {name: fn._cache_size() for name, fn in JITTED.items()}
+    assert after == before
+
+
+def test_stats_with_every_expert_cached(resident):
+    model_dir, _, _ = resident("mixtral")
+    engine = jaxmoe.load(model_dir, cache_slots=18)
+    keys = {(layer, e) for layer in engine.cfg.moe_layer_ids for e in range(engine.cfg.num_experts)}
+    first = engine.generate(PROMPT2, 4).stats
+    seen = engine.cache.resident_keys()  # every expert routed to so far: loaded once, never evicted
+    assert first["cache"]["misses"] == len(seen)
+    assert first["cache"]["h2d_bytes"] == len(seen) * engine.store.expert_bytes
+    assert first["prefill_h2d_bytes"] + first["h2d_bytes"] == first["cache"]["h2d_bytes"]
+    for layer in engine.cfg.moe_layer_ids:  # load the experts no prompt routed to yet
+        engine.cache.ensure([(layer, e) for e in range(engine.cfg.num_experts)])
+    assert engine.cache.resident_keys() == keys
+    assert engine.cache.stats.misses == len(keys)
+
+    stats = engine.generate(PROMPT, NEW_TOKENS).stats  # warm: everything resident
+    assert stats["hit_rate"] == 1.0
+    assert stats["h2d_bytes"] == 0
+    assert stats["decode_cache"]["misses"] == 0
+    assert stats["decode_cache"]["hits"] == (stats["generated_tokens"] - 1) * 3 * 2  # 3 MoE layers, top-2
+    assert stats["prefill_h2d_bytes"] == 0 and stats["prefill_hit_rate"] == 1.0  # this call's prefill only
+    assert stats["cache"]["misses"] == len(keys)  # nothing loaded twice
+    assert stats["cache_slots"] == 18
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_stats_with_minimum_cache(policy, resident):
+    model_dir, _, _ = resident("mixtral")
+    engine = jaxmoe.load(model_dir, cache_slots=2, policy=policy)
+    stats = engine.generate(PROMPT, NEW_TOKENS).stats
+    assert stats["cache_slots"] == 2 and stats["policy"] == policy
+    # two slots hold only the previous MoE layer's two experts: every decode request misses
+    decode_requests = (stats["generated_tokens"] - 1) * len(engine.cfg.moe_layer_ids) * 2
+    assert stats["hit_rate"] == 0.0
+    assert stats["decode_cache"]["misses"] == decode_requests
+    assert stats["h2d_bytes"] == decode_requests * engine.store.expert_bytes > 0
+    assert stats["stall_s"] > 0
+    assert stats["prefill_h2d_bytes"] > 0
+    for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s", "peak_device_bytes"):
+        assert stats[key] > 0
+
+
+def test_flag_errors(resident):
+    model_dir, _, _ = resident("mixtral")
+    with pytest.raises(jaxmoe.JaxmoeError, match="--cache-slots 1") as info:
+        jaxmoe.load(model_dir, cache_slots=1)
+    assert "top-k" in str(info.value)
+    with pytest.raises(jaxmoe.JaxmoeError, match="--expert-cache-gb"):
+        jaxmoe.load(model_dir, expert_cache_gb=1e-7)
+    with pytest.raises(jaxmoe.JaxmoeError, match="--policy 'bogus'") as info:
+        jaxmoe.load(model_dir, cache_slots=4, policy="bogus")
+    for name in ("on-demand", "lfu", "resident"):
+        assert name in str(info.value)
+
+
+def test_experts_live_in_pinned_host_memory(resident):
+    model_dir, _, _ = resident("qwen2_moe")
+    engine = jaxmoe.load(model_dir, cache_slots=3)
+    store = engine.store
+    assert store.memory_kind == "pinned_host"
+    assert len(store.experts) == total_experts(engine.cfg)
+    for arrays in store.experts.values():
+        for a in arrays.values():
+            assert a.sharding.memory_kind == "pinned_host"
+    for a in engine.slots.values():  # the slot buffers are device memory
+        assert a.sharding.memory_kind != "pinned_host" and a.shape[0] == 3
+    assert engine.generate(PROMPT, 2).stats["host_memory_kind"] == "pinned_host"
