@@ -127,15 +127,21 @@ class PreSched(_Feedback):
     3. Benefit: a transfer that completes at time F saves p * min(T_x, max(0, D_j + T_x - F)) seconds of
        expected stall (all of a demand transfer if early, part of it if late, nothing if it would land
        after the demand transfer would have).
-    4. Greedy selection: candidates (j, r < 2k, not resident) in decreasing p; tentatively add each to
-       the accepted set, simulate the link serving the accepted set in earliest-deadline order, and keep
-       the candidate if every accepted transfer still saves at least MIN_BENEFIT * T_x and the number
-       accepted fits the slots not needed by the running layer. Output in earliest-deadline order.
+    4. Link cost: transfers are serialized on one link and a prefetch in flight delays any demand
+       transfer behind it, so a prefetch with probability p saves p * T_x of stall but costs
+       (1 - p) * T_x of link time that misses may need. Candidates with p < MIN_P (0.5: expected
+       saving below expected waste) are not fetched.
+    5. Greedy selection: candidates (j, r < 2k, not resident, p >= MIN_P) in decreasing p; tentatively
+       add each to the accepted set, simulate the link serving the accepted set in earliest-deadline
+       order, and keep the candidate if every accepted transfer still saves at least MIN_BENEFIT * T_x
+       and the number accepted fits the slots not needed by the running layer. Output in
+       earliest-deadline order.
     Resident experts predicted with p >= PROTECT_P within the horizon are protected from eviction.
     """
 
     name = "presched"
     MIN_BENEFIT = 0.1
+    MIN_P = 0.5
     PROTECT_P = 0.3
 
     def __init__(self, horizon: int = MAX_HORIZON):
@@ -154,7 +160,8 @@ class PreSched(_Feedback):
                     if p >= self.PROTECT_P:
                         protect.add(key)
                     continue
-                candidates.append((p, j, key))
+                if p >= self.MIN_P:
+                    candidates.append((p, j, key))
         candidates.sort(key=lambda c: (-c[0], c[1]))
         capacity = max(0, ctx.num_slots - k - len(protect))
         accepted: list[tuple[float, int, ExpertKey]] = []
@@ -176,13 +183,17 @@ class PreSched(_Feedback):
 
 class Adaptive(_Feedback):
     """ExpertFlow's adaptive horizon: each step, H = clip(ceil(k * T_x / T_c), 1, 4) layers ahead — far
-    enough for the link to move a layer's k experts before they are needed — and width k widened up to
-    2k as the predictor's running recall falls below TARGET_RECALL; capped by what the link can move
-    within the horizon (H * T_c / T_x transfers) and by the free capacity. Cache-aware: resident
-    predicted experts are protected, not re-fetched."""
+    enough for the link to move a layer's k experts before they are needed. The width follows the
+    predictor's measured accuracy: when the link has spare capacity (T_x * k < T_c) the top-k is
+    widened up to 2k as the running recall falls below TARGET_RECALL; when the link is the
+    bottleneck only predictions whose calibrated hit probability is at least LINK_BOUND_MIN_P are
+    fetched (a wrong guess would delay the misses behind it). Capped by what the link can move within
+    the horizon (H * T_c / T_x transfers) and by free capacity. Cache-aware: resident predicted
+    experts are protected, not re-fetched."""
 
     name = "adaptive"
     TARGET_RECALL = 0.9
+    LINK_BOUND_MIN_P = 0.5
 
     def __init__(self):
         super().__init__()
@@ -198,13 +209,17 @@ class Adaptive(_Feedback):
         width = min(2 * k, k + math.ceil(max(0.0, self.TARGET_RECALL - self.recall) * 2 * k))
         budget = max(k, int(h / ratio)) if ratio > 0 else h * width
         self.current_horizon, self.current_width = h, width
+        link_bound = k * ratio >= 1.0
         keys, protect = [], set()
         for j in range(1, h + 1):
-            for e in ranked(ctx.scores[j - 1], width):
+            for r, e in enumerate(ranked(ctx.scores[j - 1], width)):
                 key = ctx.key(j, e)
                 protect.add(key)
-                if key not in ctx.resident:
-                    keys.append(key)
+                if key in ctx.resident:
+                    continue
+                if link_bound and self.probability(j, r, k) < self.LINK_BOUND_MIN_P:
+                    continue
+                keys.append(key)
         keys = keys[: min(budget, max(0, ctx.num_slots - k))]
         return keys, protect
 
