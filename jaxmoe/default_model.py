@@ -16,7 +16,7 @@ from pathlib import Path
 from jaxmoe.errors import JaxmoeError
 
 ASSET_DIR = Path(__file__).parent / "assets" / "default-model"
-DEFAULT_PROMPT = "def fibonacci(n):\n"
+DEFAULT_PROMPT = "def fibonacci(n):"
 
 
 def cache_root() -> Path:

@@ -46,12 +46,15 @@ DEVICE_MARGIN = 0.10  # fraction of device memory left free when sizing the cach
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def moe_front(graphdef, state, h, cache, positions):
     """h: [B, T, d] -> (h after attention, cache, ffn input [B*T, d], expert ids int32[B*T, k],
-    weights f32[B*T, k], hidden state of the last token [d], its router logits f32[E])."""
+    weights f32[B*T, k], features f32[k + d + E]: the last token's expert ids, hidden state, router logits)."""
     layer = graphdef.merge(state)
     h, cache, x = layer.attention_block(h, cache, positions)
     flat = x.reshape(-1, x.shape[-1])
     ids, weights, logits = layer.moe.route(flat)
-    return h, cache, flat, ids, weights, h[0, -1], logits[-1]
+    # the last token's routing, hidden state and router logits packed in one vector: a decode step
+    # with a predictor copies just this to the host
+    features = jnp.concatenate([ids[-1].astype(jnp.float32), h[0, -1].astype(jnp.float32), logits[-1]])
+    return h, cache, flat, ids, weights, features
 
 
 @partial(jax.jit, static_argnames=("kernel",))
@@ -198,6 +201,10 @@ class OffloadEngine:
         self._kv = None
         self._decode_base = None
         self._run_base = None
+        self._position = None  # position(s) of the tokens in the running forward pass (int or int32[T])
+        # Benchmarks only (bench.sizes): (layer, positions int[N], ids_host int32[N, k]) -> int32[N, k]
+        # replaces the routing decision on the host, e.g. with a recorded trace; None: the model's own.
+        self.routing_override = None
 
     def _new_cache(self, planner, eviction) -> None:
         self.planner = planner
@@ -291,14 +298,19 @@ class OffloadEngine:
         self._last_layer_done = time.perf_counter()
         return slots
 
-    def _routed(self, layer: int, flat, ids, weights, h_last, logits_last, valid_rows: np.ndarray):
+    def _routed(self, layer: int, flat, ids, weights, features, valid_rows: np.ndarray):
         """Routed-expert output [N, d] for one layer, loading experts in groups of at most num_slots."""
         pos = self.pos_of_layer[layer]
         want_features = self._decoding and self.predictor is not None
         if want_features:  # the routing decision plus the predictor's inputs: one small device->host copy
-            ids_host, hidden, router_logits = jax.device_get((ids, h_last, logits_last))
+            packed = np.asarray(features)
+            k, d = self.cfg.num_experts_per_tok, self.cfg.hidden_size
+            ids_host = packed[None, :k].astype(np.int32)
+            hidden, router_logits = packed[k : k + d], packed[k + d :]
         else:
             ids_host = np.asarray(ids)  # [N, k]: the routing decision, the only device->host copy
+        if self.routing_override is not None:
+            ids_host = np.asarray(self.routing_override(layer, np.atleast_1d(self._position), ids_host), np.int32)
         needed = np.unique(ids_host[valid_rows])
         kernel = "gather" if flat.shape[0] <= GATHER_MAX_TOKENS else "grouped"
         routed = None
@@ -367,8 +379,8 @@ class OffloadEngine:
             if not is_moe:
                 h, self._kv[i] = dense_layer(g, state, h, self._kv[i], positions)
                 continue
-            h, self._kv[i], flat, ids, weights, h_last, logits_last = moe_front(g, state, h, self._kv[i], positions)
-            routed = self._routed(i, flat, ids, weights, h_last, logits_last, valid_rows)
+            h, self._kv[i], flat, ids, weights, features = moe_front(g, state, h, self._kv[i], positions)
+            routed = self._routed(i, flat, ids, weights, features, valid_rows)
             h = moe_back(g, state, h, flat, routed)
         return h
 
@@ -385,6 +397,7 @@ class OffloadEngine:
                 break
             positions = np.arange(start, start + chunk, dtype=np.int32)[None]
             valid = positions[0] < length
+            self._position = positions[0]
             h = self._forward(jnp.asarray(tokens[:, start : start + chunk]), jnp.asarray(positions), valid)
             if start <= length - 1 < start + chunk:
                 last = h[:, length - 1 - start]
@@ -395,6 +408,7 @@ class OffloadEngine:
         return logits
 
     def decode(self, token, position: int):
+        self._position = position
         h = self._forward(token, jnp.array([[position]], jnp.int32), np.ones(1, bool))
         return self._logits(h)
 
