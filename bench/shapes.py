@@ -1,0 +1,179 @@
+"""Exact shapes of public MoE checkpoints, for benchmarks at real model sizes without downloading them.
+
+Each entry is the architecture part of the model's public Hugging Face `config.json` (values copied
+from the Hub release named in the comment; tokenizer/training-only fields left out). The ModelConfig
+is made by the same family adapter `python -m convert` uses on a real checkpoint, so a synthetic
+model here has exactly the parameter shapes of the converted release (bfloat16).
+
+`model_config(name, num_layers=None, scale=1.0)`:
+  num_layers  keep only the first N decoder layers (quick runs; per-layer sizes stay real)
+  scale < 1   CPU smoke runs: widths (hidden, intermediate, MLA ranks, vocabulary) shrink by about
+              `scale`, head counts and head widths by about sqrt(scale); routing shape (experts,
+              top-k, dense/MoE layer pattern) is unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.errors import JaxmoeError
+
+DTYPE = "bfloat16"
+
+SHAPES: dict[str, dict] = {
+    # mistralai/Mixtral-8x7B-v0.1 config.json: 32 layers, d=4096, 32 heads / 8 KV heads (head_dim 128),
+    # 8 experts top-2 of intermediate 14336 in every layer, vocab 32000, rope_theta 1e6.
+    # 46.7B parameters; one expert = 3*4096*14336*2 B = 352 MB; all routed experts 90.2 GB.
+    "mixtral-8x7b": dict(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6,
+        hidden_act="silu", sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    ),
+    # Qwen/Qwen3-30B-A3B config.json: 48 layers, d=2048, 32 heads / 4 KV heads with head_dim 128 (q width
+    # 4096 != d), per-head q/k RMSNorm, 128 experts top-8 of moe_intermediate 768 in every layer
+    # (decoder_sparse_step 1, mlp_only_layers []), norm_topk_prob true, vocab 151936, rope_theta 1e6.
+    # 30.5B parameters; one expert = 3*2048*768*2 B = 9.4 MB; all routed experts 58.0 GB.
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[], max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
+        attention_bias=False, hidden_act="silu", tie_word_embeddings=False, bos_token_id=151643,
+        eos_token_id=151645,
+    ),
+    # deepseek-ai/DeepSeek-V2-Lite config.json: 27 layers (first_k_dense_replace 1: layer 0 dense with
+    # intermediate 10944), d=2048, MLA with 16 heads, q_lora_rank null, kv_lora_rank 512,
+    # qk_nope 128 + qk_rope 64, v_head_dim 128; 64 routed experts top-6 (greedy, softmax, no renorm,
+    # routed_scaling_factor 1.0) of moe_intermediate 1408 + 2 shared experts; YaRN (factor 40 over 4096);
+    # vocab 102400. 15.7B parameters; one expert = 3*2048*1408*2 B = 17.3 MB; all routed experts 28.8 GB.
+    "deepseek-v2-lite": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+        n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6, routed_scaling_factor=1.0,
+        kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
+        topk_method="greedy", n_group=1, topk_group=1, scoring_func="softmax", norm_topk_prob=False,
+        first_k_dense_replace=1, moe_layer_freq=1, max_position_embeddings=163840, rms_norm_eps=1e-6,
+        rope_theta=10000.0, attention_bias=False, hidden_act="silu", tie_word_embeddings=False,
+        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                          beta_slow=1, mscale=0.707, mscale_all_dim=0.707),
+        bos_token_id=100000, eos_token_id=100001,
+    ),
+    # allenai/OLMoE-1B-7B-0924 config.json: 16 layers, d=2048, 16 heads (head_dim 128), q/k RMSNorm over
+    # the full projections, 64 experts top-8 of intermediate 1024 in every layer, norm_topk_prob false,
+    # vocab 50304, rope_theta 10000. 6.9B parameters; one expert = 3*2048*1024*2 B = 12.6 MB;
+    # all routed experts 12.9 GB.
+    "olmoe-1b-7b": dict(
+        model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+        norm_topk_prob=False, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+        rope_scaling=None, attention_bias=False, clip_qkv=None, hidden_act="silu", tie_word_embeddings=False,
+        pad_token_id=1, eos_token_id=50279,
+    ),
+}
+
+SHAPE_NAMES = tuple(SHAPES)
+
+
+def _width(x: int, scale: float, multiple: int = 8) -> int:
+    return max(multiple, int(round(x * scale / multiple)) * multiple)
+
+
+def _even(x: float, minimum: int = 8) -> int:
+    return max(minimum, 2 * int(round(x / 2)))
+
+
+def hf_config_dict(name: str, num_layers: int | None = None, scale: float = 1.0) -> dict:
+    """The shape's config.json dict, with the `num_layers` / `scale` reductions applied."""
+    if name not in SHAPES:
+        raise JaxmoeError(f"--shape {name!r}: unknown; available: {', '.join(SHAPES)}, all")
+    hf = dict(SHAPES[name])
+    if num_layers is not None:
+        if not 1 <= num_layers <= hf["num_hidden_layers"]:
+            raise JaxmoeError(f"--layers must be in [1, {hf['num_hidden_layers']}] for {name}")
+        if name == "deepseek-v2-lite" and num_layers <= hf["first_k_dense_replace"]:
+            raise JaxmoeError(f"--layers {num_layers}: {name} needs > {hf['first_k_dense_replace']} layers to have a MoE layer")
+        hf["num_hidden_layers"] = num_layers
+    if not 0 < scale <= 1:
+        raise JaxmoeError("--scale must be in (0, 1]")
+    if scale == 1:
+        return hf
+    root = math.sqrt(scale)
+    heads, kv = hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    group = heads // kv
+    new_kv = max(1, round(kv * root / group) if group > 1 else round(kv * root))
+    new_kv = max(new_kv, 1)
+    new_heads = new_kv * group if group > 1 else max(1, round(heads * root))
+    if group == 1:
+        new_kv = new_heads
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    hf.update(num_attention_heads=new_heads, num_key_value_heads=new_kv, vocab_size=_width(hf["vocab_size"], scale, 64))
+    if hf["model_type"] == "deepseek_v2":
+        hf.update(hidden_size=_width(hf["hidden_size"], scale), kv_lora_rank=_width(hf["kv_lora_rank"], scale),
+                  qk_nope_head_dim=_even(hf["qk_nope_head_dim"] * root), qk_rope_head_dim=_even(hf["qk_rope_head_dim"] * root),
+                  v_head_dim=_even(hf["v_head_dim"] * root))
+    else:
+        new_head_dim = _even(head_dim * root)
+        if hf["hidden_size"] == heads * head_dim:  # keep d = heads * head_dim where the release has it
+            hf.update(hidden_size=new_heads * new_head_dim)
+        else:
+            hf.update(hidden_size=_width(hf["hidden_size"], scale))
+        hf["head_dim"] = new_head_dim
+    for key in ("intermediate_size", "moe_intermediate_size"):
+        if key in hf:
+            hf[key] = _width(hf[key], scale)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # special ids past the shrunk vocabulary
+        if hf.get(key) is not None and hf[key] >= hf["vocab_size"]:
+            hf[key] = None
+    return hf
+
+
+def model_config(name: str, num_layers: int | None = None, scale: float = 1.0) -> ModelConfig:
+    """The normalized (bfloat16) ModelConfig of the shape, via the family adapter of `convert`."""
+    from convert.families import FAMILIES
+
+    hf = hf_config_dict(name, num_layers, scale)
+    return FAMILIES[hf["model_type"]].config_from_hf(hf, DTYPE)
+
+
+def describe(cfg: ModelConfig) -> dict:
+    """Sizes of the model in bytes (bfloat16): one expert, all routed experts, everything else."""
+    import dataclasses
+
+    from jaxmoe.checkpoint import abstract_model, split_layer
+
+    # one layer of each kind (dense / MoE) stands for all of that kind: abstract models of 48 layers are slow
+    kinds = tuple(sorted(set(cfg.moe_layers)))
+    _, state = abstract_model(dataclasses.replace(cfg, num_layers=len(kinds), moe_layers=kinds))
+    pure = state.to_pure_dict()
+    leaf_bytes = lambda tree: sum(int(math.prod(x.shape)) * x.dtype.itemsize for x in _leaves(tree))  # noqa: E731
+    expert = 0
+    non_expert = leaf_bytes({k: v for k, v in pure.items() if k != "layers"})
+    for i, tree in pure["layers"].items():
+        count = sum(1 for m in cfg.moe_layers if m == kinds[i])
+        dense, experts = split_layer(tree)
+        non_expert += count * leaf_bytes(dense)
+        if experts is not None:
+            expert += count * leaf_bytes(experts)
+    moe_layers = len(cfg.moe_layer_ids)
+    one = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+    return {
+        "layers": cfg.num_layers,
+        "moe_layers": moe_layers,
+        "experts_per_layer": cfg.num_experts,
+        "top_k": cfg.num_experts_per_tok,
+        "expert_bytes": one,
+        "routed_expert_bytes": expert,
+        "non_expert_bytes": non_expert,
+        "total_params": (expert + non_expert) // 2,
+        "active_params_per_token": (non_expert + moe_layers * cfg.num_experts_per_tok * one) // 2,
+    }
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    else:
+        yield tree
