@@ -105,21 +105,21 @@ def batched_scores(predictor, trace: TraceData, rows, pos, hist_tok, tgt_layer, 
         if predictor.selection_bias is not None:
             scores = 1.0 / (1.0 + np.exp(-scores)) + predictor.selection_bias[layers]
         return scores
-    history = history_khot(trace, hist_tok, tgt_layer, pos, rows)[:, :predictor.horizon]
-    return predictor.forward_batch(hidden, logits, pos, history)[:, :horizon]
+    if predictor.horizon != horizon:
+        raise JaxmoeError(f"batched replay needs the predictor's trained horizon {predictor.horizon}, got {horizon}")
+    history = history_khot(trace, hist_tok, tgt_layer, pos, rows)
+    return predictor.forward_batch(hidden, logits, pos, history)
 
 
 def replay_batched(predictor, trace: TraceData, horizon: int, top_k: int) -> dict:
     tgt_tok, hist_tok, tgt_layer = target_indices(trace, horizon)
-    if getattr(predictor, "horizon", horizon) > horizon:  # LLaPor's history covers its trained horizon
-        _, hist_tok, tgt_layer = target_indices(trace, predictor.horizon)
     metrics = Metrics(horizon, top_k)
     rows, pos = np.meshgrid(np.arange(trace.num_tokens), np.arange(trace.num_moe_layers), indexing="ij")
     rows, pos = rows.reshape(-1), pos.reshape(-1)
     for start in range(0, len(rows), 4096):
         r, p = rows[start:start + 4096], pos[start:start + 4096]
         scores = batched_scores(predictor, trace, r, p, hist_tok, tgt_layer, horizon)
-        truth, valid = _truth(trace, tgt_tok, tgt_layer[:, :horizon], r, p)
+        truth, valid = _truth(trace, tgt_tok, tgt_layer, r, p)
         metrics.add(scores, truth, valid)
     return metrics.result()
 

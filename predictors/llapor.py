@@ -73,7 +73,7 @@ class LLaPorConfig:
     top_k: int
     horizon: int = MAX_HORIZON
     width: int = 256
-    depth: int = 1  # residual MLP blocks in the trunk
+    depth: int = 2  # residual MLP blocks in the trunk
     use_history: bool = True
     use_lookahead: bool = False
     activation: str = "relu"  # "relu" | "gelu" (tanh approximation)
@@ -282,6 +282,9 @@ class LLaPorPredictor:
         self.kernels = p.get("lookahead_kernels") if cfg.use_lookahead else None  # [L, d, E]
         if self.kernels is not None:
             self.w_g, self.gain = p["in_lookahead.kernel"], p["lookahead_gain"]
+            # layers p+1 .. p+H as one contiguous slice, wrapped ones repeated at the end
+            self.kernels_ext = np.concatenate([self.kernels, self.kernels[: cfg.horizon]])  # [L + H, d, E]
+            self.mean_e = np.full(cfg.num_experts, 1.0 / cfg.num_experts, np.float32)
 
     @classmethod
     def load(cls, pred_dir: Path) -> "LLaPorPredictor":
@@ -311,9 +314,9 @@ class LLaPorPredictor:
         if self.w_hist is not None:
             u += self.history_proj[rows]
         if self.kernels is not None:
-            g = np.stack([h @ self.kernels[t] for t in rows]) * h_scale  # [h, E]
-            g -= g.mean(-1, keepdims=True)
-            g *= (1.0 / np.sqrt((g * g).mean(-1, keepdims=True) + np.float32(NORM_EPS)))
+            g = np.matmul(h, self.kernels_ext[pos + 1 : pos + 1 + horizon]) * h_scale  # [h, E]
+            g -= (g @ self.mean_e)[:, None]
+            g *= (1.0 / np.sqrt((g * g) @ self.mean_e + np.float32(NORM_EPS)))[:, None]
             u += g @ self.w_g
         u -= (u @ self.mean_vec)[:, None]
         u *= (1.0 / np.sqrt((u * u) @ self.mean_vec + np.float32(LN_EPS)))[:, None]
@@ -327,7 +330,7 @@ class LLaPorPredictor:
         return out
 
     def _trunk(self, u):
-        """u: [..., D] -> b: [..., D] (LayerNorm, activation, residual MLP)."""
+        """u: [N, D] -> b: [N, D] (LayerNorm, activation, residual MLP); 2-D so each matmul is one GEMM."""
         c = u - u.mean(-1, keepdims=True)
         var = (c * c).mean(-1, keepdims=True)
         a = self.act(c / np.sqrt(var + np.float32(LN_EPS)) * self.ln_scale + self.ln_bias)
@@ -339,21 +342,23 @@ class LLaPorPredictor:
         """hidden [B, d], router_logits [B, E], pos int[B], history [B, H, E] or None -> float32[B, H, E]."""
         h = np.asarray(hidden, np.float32)
         r = np.asarray(router_logits, np.float32)
+        B, H, E = len(h), self.horizon, self.num_experts
         h = h / np.sqrt(np.mean(h * h, -1, keepdims=True) + np.float32(NORM_EPS))
         r = r - r.mean(-1, keepdims=True)
         r = r / np.sqrt(np.mean(r * r, -1, keepdims=True) + np.float32(NORM_EPS))
         x = h @ self.w_h + r @ self.w_r + self.b_r  # [B, D]
         u = x[:, None, :] + self.src_hor[pos]  # [B, H, D]
         if self.w_hist is not None:
-            u = u + np.asarray(history, np.float32) @ self.w_hist
+            u = u + (np.asarray(history, np.float32).reshape(B * H, E) @ self.w_hist).reshape(B, H, -1)
         if self.kernels is not None:
-            g = np.einsum("bd,lde->ble", h, self.kernels)  # [B, L, E]
+            L, d = self.kernels.shape[:2]
+            g = (h @ self.kernels.transpose(1, 0, 2).reshape(d, L * E)).reshape(B, L, E)  # every layer's
             g = np.take_along_axis(g, self.tgt_layer[pos][..., None], 1)  # [B, H, E]
             g = g - g.mean(-1, keepdims=True)
             g = g / np.sqrt(np.mean(g * g, -1, keepdims=True) + np.float32(NORM_EPS))
-            u = u + g @ self.w_g
-        b = self._trunk(u)
-        out = np.einsum("bhd,hde->bhe", b, self.heads) + self.tgt_bias_of[pos]
+            u = u + (g.reshape(B * H, E) @ self.w_g).reshape(B, H, -1)
+        b = self._trunk(u.reshape(B * H, -1)).reshape(B, H, -1)
+        out = np.stack([b[:, j] @ self.heads[j] for j in range(H)], 1) + self.tgt_bias_of[pos]  # [B, H, E]
         if self.kernels is not None:
             out = out + self.gain[pos][..., None] * g
         return out

@@ -140,8 +140,8 @@ def validation_recall(predictor, trace: TraceData, horizon: int, top_k: int, max
     return {str(j + 1): float(hits[j] / max(count[j], 1)) for j in range(horizon)}
 
 
-def train(trace_dir: Path, horizon: int = MAX_HORIZON, steps: int = 3000, seed: int = 0, width: int = 256, depth: int = 1,
-          batch_size: int = 256, lr: float = 2e-3, weight_decay: float = 1e-4, use_history: bool = True,
+def train(trace_dir: Path, horizon: int = MAX_HORIZON, steps: int = 10000, seed: int = 0, width: int = 256, depth: int = 2,
+          batch_size: int = 512, lr: float = 2e-3, weight_decay: float = 1e-4, use_history: bool = True,
           lookahead_kernels: np.ndarray | None = None, activation: str = "relu", eval_every: int | None = None,
           progress: bool = True, log=None):
     """-> (LLaPorConfig, flat numpy params, report dict). lookahead_kernels: float32[L, d, E] from
@@ -273,11 +273,11 @@ def main(argv=None) -> int:
     p.add_argument("--traces", type=Path, required=True, help="trace directory (python -m predictors.trace)")
     p.add_argument("--out", type=Path, required=True, help="predictor directory to create")
     p.add_argument("--horizon", type=int, default=MAX_HORIZON, help=f"MoE positions ahead, 1..{MAX_HORIZON}")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=256, help="trunk width D")
-    p.add_argument("--depth", type=int, default=1, help="residual MLP blocks in the trunk")
-    p.add_argument("--batch-size", type=int, default=256, help="(token, position) pairs per step")
+    p.add_argument("--depth", type=int, default=2, help="residual MLP blocks in the trunk")
+    p.add_argument("--batch-size", type=int, default=512, help="(token, position) pairs per step")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--no-history", action="store_true", help="without the most-recent-routing feature")
     p.add_argument("--model", type=Path, default=None,
@@ -305,6 +305,7 @@ def main(argv=None) -> int:
                                     args.batch_size, args.lr, use_history=not args.no_history, lookahead_kernels=kernels,
                                     activation=args.activation, eval_every=args.eval_every)
         report["traces"] = str(args.traces)
+        report["command"] = " ".join(["python -m predictors.train", *(sys.argv[1:] if argv is None else argv)])
         write_predictor(args.out, cfg, params, report, manifest.get("model", {}), args.force)
     except JaxmoeError as e:
         print(f"error: {e}", file=sys.stderr)
