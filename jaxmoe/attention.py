@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.config import ModelConfig
+from jaxmoe.inplace import update_in_dim
 from jaxmoe.layers import RMSNorm, linear, normal_param
 from jaxmoe.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
@@ -20,7 +21,7 @@ def write_cache(cache, new, start):
     """cache: [B, S, ...]; new: [B, T, ...]; start: int32[B] -> cache with rows start[b]+t replaced."""
 
     def one(c, n, s):
-        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=0)
+        return update_in_dim(c, n, s, axis=0)
 
     return jax.vmap(one)(cache, new, start)
 

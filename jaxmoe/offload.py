@@ -27,6 +27,7 @@ from jaxmoe.checkpoint import abstract_model, restore_layer_experts, restore_pie
 from jaxmoe.config import ModelConfig, load_config
 from jaxmoe.engine import SamplingParams, device_peak_bytes, flat_state, generate_loop, tree_bytes
 from jaxmoe.errors import JaxmoeError
+from jaxmoe.inplace import update_row
 from jaxmoe.model import ATTENTION_MODULES, lm_logits
 from jaxmoe.moe import GATHER_MAX_TOKENS, ExpertWeight, routed_experts
 from predictors.base import FrequencyPredictor, GateLookaheadPredictor, PreviousTokenPredictor
@@ -74,6 +75,19 @@ def moe_back(graphdef, state, h, flat, routed):
     return h + (routed + layer.moe.shared_output(flat)).reshape(h.shape)
 
 
+@partial(jax.jit, static_argnames=("graphdef", "kernel", "next_graphdef"), donate_argnames=("next_cache",))
+def moe_back_front(graphdef, state, h, flat, slot_ids, weights, slots, routed_partial, kernel: str,
+                   next_graphdef, next_state, next_cache, positions):
+    """One dispatch per MoE layer in steady state: this layer's routed experts over the slots (plus
+    `routed_partial` [N, d] from earlier expert groups, or None), its shared expert and residual, then
+    the next MoE layer's attention and router. Returns what `moe_front` returns for the next layer."""
+    routed = routed_over_slots.__wrapped__(flat, slot_ids, weights, slots, kernel)
+    if routed_partial is not None:
+        routed = routed + routed_partial
+    h = moe_back.__wrapped__(graphdef, state, h, flat, routed)
+    return moe_front.__wrapped__(next_graphdef, next_state, h, next_cache, positions)
+
+
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def dense_layer(graphdef, state, h, cache, positions):
     layer = graphdef.merge(state)
@@ -100,7 +114,7 @@ def final_logits(graphdef, state, head, h):
 @partial(jax.jit, donate_argnames=("slots",))
 def write_slot(slots, slot, expert):
     """In-place write of one expert ({w_*: [...]}) into row `slot` of the slot buffers."""
-    return {name: slots[name].at[slot].set(expert[name].astype(slots[name].dtype)) for name in slots}
+    return {name: update_row(slots[name], expert[name], slot) for name in slots}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,36 +312,43 @@ class OffloadEngine:
         self._last_layer_done = time.perf_counter()
         return slots
 
-    def _routed(self, layer: int, flat, ids, weights, features, valid_rows: np.ndarray):
-        """Routed-expert output [N, d] for one layer, loading experts in groups of at most num_slots."""
-        pos = self.pos_of_layer[layer]
+    def _route(self, layer: int, flat, ids, weights, features, valid_rows: np.ndarray):
+        """Host side of one MoE layer: the routing decision to the host (the only device->host copy),
+        experts loaded in groups of at most num_slots. -> (slot_ids int32[N, k] of the last group,
+        routed output [N, d] of the earlier groups or None, kernel, hidden, router_logits, needed)."""
         want_features = self._decoding and self.predictor is not None
+        hidden = router_logits = None
         if want_features:  # the routing decision plus the predictor's inputs: one small device->host copy
             packed = np.asarray(features)
             k, d = self.cfg.num_experts_per_tok, self.cfg.hidden_size
             ids_host = packed[None, :k].astype(np.int32)
             hidden, router_logits = packed[k : k + d], packed[k + d :]
         else:
-            ids_host = np.asarray(ids)  # [N, k]: the routing decision, the only device->host copy
+            ids_host = np.asarray(ids)  # [N, k]
         if self.routing_override is not None:
             ids_host = np.asarray(self.routing_override(layer, np.atleast_1d(self._position), ids_host), np.int32)
         needed = np.unique(ids_host[valid_rows])
         kernel = "gather" if flat.shape[0] <= GATHER_MAX_TOKENS else "grouped"
         routed = None
-        for start in range(0, len(needed), self.num_slots):
-            group = needed[start : start + self.num_slots]
+        groups = [needed[start : start + self.num_slots] for start in range(0, len(needed), self.num_slots)]
+        for n, group in enumerate(groups):
             slot_of = self._ensure([(layer, int(e)) for e in group])
             lut = np.full(self.cfg.num_experts, -1, np.int32)
             lut[group] = [slot_of[(layer, int(e))] for e in group]
-            slot_ids = jnp.asarray(lut[ids_host])
+            slot_ids = lut[ids_host]
+            if n == len(groups) - 1:
+                break
             with self._slots_lock:
                 part = routed_over_slots(flat, slot_ids, weights, self.slots, kernel)
             routed = part if routed is None else routed + part
+        return slot_ids, routed, kernel, hidden, router_logits, needed, ids_host
+
+    def _after_layer(self, pos: int, needed, ids_host, valid_rows, hidden, router_logits) -> None:
+        """Bookkeeping and the next transfers, while the device computes what was just dispatched."""
         self.planner.feedback(pos, needed)
         if self.predictor is not None:  # history: this token's experts (in prefill: the last prompt token's)
             self.predictor.observe(pos, needed if self._decoding else ids_host[np.flatnonzero(valid_rows)[-1]])
-        self._plan_prefetch(pos, hidden if want_features else None, router_logits if want_features else None)
-        return routed
+        self._plan_prefetch(pos, hidden, router_logits)
 
     def _plan_prefetch(self, pos: int, hidden, router_logits) -> None:
         """Queues the next transfers while the device computes this layer."""
@@ -370,19 +391,48 @@ class OffloadEngine:
             self.predictor.reset()
 
     def _forward(self, tokens, positions, valid_rows: np.ndarray):
-        """tokens, positions: int32[1, T] -> h [1, T, d] (pre final norm), updating the KV cache."""
+        """tokens, positions: int32[1, T] -> h [1, T, d] (pre final norm), updating the KV cache.
+
+        Steady state is one jitted dispatch per MoE layer (`moe_back_front`: layer l's experts, shared
+        expert and residual, then layer l+1's attention and router), after which the host plans the
+        next transfers while the device computes."""
         h = embed_tokens(self.globals["embedding"], tokens)
-        for i, (is_moe, g, state, _) in enumerate(self.layer_parts):
-            if self._kv[i] is None:
-                attention = ATTENTION_MODULES[self.cfg.attention_kind]
-                self._kv[i] = attention.init_cache(self.cfg, 1, self._max_len, h.dtype)
+        parts, num_layers = self.layer_parts, len(self.layer_parts)
+        front = None  # moe_front outputs (h, flat, ids, weights, features) of layer i, already dispatched
+        for i, (is_moe, g, state, _) in enumerate(parts):
+            self._init_kv(i, h.dtype)
             if not is_moe:
                 h, self._kv[i] = dense_layer(g, state, h, self._kv[i], positions)
                 continue
-            h, self._kv[i], flat, ids, weights, features = moe_front(g, state, h, self._kv[i], positions)
-            routed = self._routed(i, flat, ids, weights, features, valid_rows)
-            h = moe_back(g, state, h, flat, routed)
+            if front is None:
+                h, self._kv[i], *rest = moe_front(g, state, h, self._kv[i], positions)
+                front = (h, *rest)
+            h, flat, ids, weights, features = front
+            slot_ids, partial_routed, kernel, hidden, logits, needed, ids_host = self._route(
+                i, flat, ids, weights, features, valid_rows)
+            nxt = i + 1
+            if nxt < num_layers and parts[nxt][0]:
+                self._init_kv(nxt, h.dtype)
+                _, g2, state2, _ = parts[nxt]
+                with self._slots_lock:
+                    out = moe_back_front(g, state, h, flat, slot_ids, weights, self.slots, partial_routed, kernel,
+                                         g2, state2, self._kv[nxt], positions)
+                h, self._kv[nxt], *rest = out
+                front = (h, *rest)
+            else:
+                with self._slots_lock:
+                    routed = routed_over_slots(flat, slot_ids, weights, self.slots, kernel)
+                if partial_routed is not None:
+                    routed = routed + partial_routed
+                h = moe_back(g, state, h, flat, routed)
+                front = None
+            self._after_layer(self.pos_of_layer[i], needed, ids_host, valid_rows, hidden, logits)
         return h
+
+    def _init_kv(self, i: int, dtype) -> None:
+        if self._kv[i] is None:
+            attention = ATTENTION_MODULES[self.cfg.attention_kind]
+            self._kv[i] = attention.init_cache(self.cfg, 1, self._max_len, dtype)
 
     def _logits(self, h_last):
         g, st = self.globals["norm"]

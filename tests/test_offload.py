@@ -73,6 +73,7 @@ JITTED = {
     "moe_front": jaxmoe.offload.moe_front,
     "routed_over_slots": jaxmoe.offload.routed_over_slots,
     "moe_back": jaxmoe.offload.moe_back,
+    "moe_back_front": jaxmoe.offload.moe_back_front,
     "write_slot": jaxmoe.offload.write_slot,
     "dense_layer": jaxmoe.offload.dense_layer,
     "embed_tokens": jaxmoe.offload.embed_tokens,
