@@ -183,6 +183,11 @@ def make_planner(policy: str):
             "adaptive": Adaptive}[policy]()
 
 
+def make_eviction(policy: str):
+    """LFU for lfu; LRU otherwise (the prefetching planners protect what they predict within the horizon)."""
+    return LFU() if policy == "lfu" else LRU()
+
+
 class OffloadEngine:
     """Generation with host-resident experts and a fixed-slot device expert cache.
 
@@ -211,7 +216,7 @@ class OffloadEngine:
         if policy in PREDICTOR_POLICIES and predictor is None:
             predictor = self.build_predictor("gate-lookahead")
         self.predictor = predictor if policy in PREDICTOR_POLICIES else None
-        self._new_cache(make_planner(policy) if policy != "oracle" else NoPrefetch(), LFU() if policy == "lfu" else LRU())
+        self._new_cache(make_planner(policy) if policy != "oracle" else NoPrefetch(), make_eviction(policy))
         self._kv = None
         self._decode_base = None
         self._run_base = None
@@ -297,7 +302,7 @@ class OffloadEngine:
         on_device = jax.device_put(self.store.get(key), self.device_sharding)
         jax.block_until_ready(on_device)  # the host-to-device copy itself: this thread waits, not the decode loop
         with self._slots_lock:
-            self.slots = write_slot(self.slots, jnp.int32(slot), on_device)
+            self.slots = write_slot(self.slots, slot, on_device)
 
     # -- one MoE layer -------------------------------------------------------------------------------
     def _ensure(self, keys):

@@ -62,40 +62,61 @@ class NoPrefetch:
 
 
 class _Feedback:
-    """Running accuracy of the horizon-1 predictions (recall of the top-k), shared by the planners."""
+    """Calibration shared by the predictor-driven planners, learned online from what layers really route to.
+
+    - `recall`: running recall of the horizon-1 top-k.
+    - `probability(j, rank)`: P(the expert the predictor ranks `rank` at horizon j is used), from counts
+      over every rank (numpy, [H, E]) with a prior of 2 pseudo-counts.
+    """
 
     def __init__(self):
         self.predicted: dict[int, set] = {}
         self.recall = 0.8  # prior until measured
-        self.rank_hits: dict[tuple[int, int], list[float]] = {}  # (j, rank) -> [used, predicted]
+        self.used = self.seen = None  # float64[H, E]: rank counts, allocated on the first plan
         self.ranked_at: dict[int, list[tuple[int, np.ndarray]]] = {}
 
-    def remember(self, ctx: PlanContext, max_rank: int) -> None:
+    def remember(self, ctx: PlanContext) -> np.ndarray:
+        """Records this plan's full ranking per horizon -> orders int[H, E] (best first)."""
         if ctx.scores is None:
-            return
-        for j in range(1, ctx.scores.shape[0] + 1):
+            return None
+        horizon, num_experts = ctx.scores.shape
+        if self.used is None or self.used.shape[1] != num_experts:
+            self.used = np.zeros((MAX_HORIZON, num_experts))
+            self.seen = np.zeros((MAX_HORIZON, num_experts))
+        orders = np.argsort(-ctx.scores, axis=1, kind="stable")
+        for j in range(1, horizon + 1):
             target = (ctx.pos + j) % ctx.num_positions
-            order = ranked(ctx.scores[j - 1], max_rank)
-            self.ranked_at.setdefault(target, []).append((j, order))
+            self.ranked_at.setdefault(target, []).append((j, orders[j - 1]))
             if j == 1:
-                self.predicted[target] = set(order[: ctx.top_k].tolist())
+                self.predicted[target] = set(orders[0, : ctx.top_k].tolist())
+        return orders
 
     def feedback(self, pos: int, experts) -> None:
         used = {int(e) for e in experts}
         if pos in self.predicted and used:
             hit = len(self.predicted.pop(pos) & used) / len(used)
             self.recall = 0.9 * self.recall + 0.1 * hit
+        if self.used is None:
+            return
+        mask = np.zeros(self.used.shape[1], bool)
+        mask[list(used)] = True
         for j, order in self.ranked_at.pop(pos, []):
-            for r, e in enumerate(order.tolist()):
-                stat = self.rank_hits.setdefault((j, r), [0.0, 0.0])
-                stat[0] += e in used
-                stat[1] += 1
+            self.used[j - 1] += mask[order]
+            self.seen[j - 1] += 1
+
+    def rank_probabilities(self, top_k: int) -> np.ndarray:
+        """float32[H, E]: calibrated P(used) of the expert at each rank, per horizon."""
+        num_experts = self.used.shape[1]
+        ranks = np.arange(num_experts)
+        prior = np.select([ranks < top_k, ranks < 2 * top_k], [0.85, 0.25], 0.25 * top_k / num_experts)
+        prior = prior[None, :] * (0.9 ** np.arange(MAX_HORIZON))[:, None]
+        return ((self.used + 2 * prior) / (self.seen + 2)).astype(np.float32)
 
     def probability(self, j: int, rank: int, top_k: int) -> float:
         """Calibrated P(expert ranked `rank` at horizon j is used), with a prior of 2 pseudo-counts."""
-        prior = (0.85 if rank < top_k else 0.25) * (0.9 ** (j - 1))
-        used, seen = self.rank_hits.get((j, rank), (0.0, 0.0))
-        return (used + 2 * prior) / (seen + 2)
+        if self.used is None:
+            return (0.85 if rank < top_k else 0.25) * (0.9 ** (j - 1))
+        return float(self.rank_probabilities(top_k)[j - 1, rank])
 
 
 class TopKPrefetch(_Feedback):
@@ -109,8 +130,8 @@ class TopKPrefetch(_Feedback):
 
     def plan(self, ctx: PlanContext):
         width = self.width or ctx.top_k
-        self.remember(ctx, width)
-        keys = [ctx.key(j, e) for j in range(1, ctx.scores.shape[0] + 1) for e in ranked(ctx.scores[j - 1], width)]
+        orders = self.remember(ctx)
+        keys = [ctx.key(j, e) for j in range(1, ctx.scores.shape[0] + 1) for e in orders[j - 1, :width].tolist()]
         keys = keys[: ctx.num_slots - ctx.top_k]  # never plan more than the cache can hold beside the running layer
         return keys, set(keys)
 
@@ -150,12 +171,13 @@ class PreSched(_Feedback):
 
     def plan(self, ctx: PlanContext):
         k = ctx.top_k
-        self.remember(ctx, 2 * k)
+        orders = self.remember(ctx)
+        probs = self.rank_probabilities(k)
         t_x, t_c = max(ctx.transfer_s, 1e-9), max(ctx.layer_compute_s, 1e-9)
         candidates, protect = [], set()
         for j in range(1, ctx.scores.shape[0] + 1):
-            for r, e in enumerate(ranked(ctx.scores[j - 1], 2 * k)):
-                key, p = ctx.key(j, e), self.probability(j, r, k)
+            for r, e in enumerate(orders[j - 1, : 2 * k].tolist()):
+                key, p = ctx.key(j, e), float(probs[j - 1, r])
                 if key in ctx.resident:
                     if p >= self.PROTECT_P:
                         protect.add(key)
@@ -203,7 +225,8 @@ class Adaptive(_Feedback):
 
     def plan(self, ctx: PlanContext):
         k = ctx.top_k
-        self.remember(ctx, 2 * k)
+        orders = self.remember(ctx)
+        probs = self.rank_probabilities(k)
         ratio = max(ctx.transfer_s, 1e-9) / max(ctx.layer_compute_s, 1e-9)
         h = int(min(ctx.scores.shape[0], max(1, math.ceil(k * ratio))))
         width = min(2 * k, k + math.ceil(max(0.0, self.TARGET_RECALL - self.recall) * 2 * k))
@@ -212,12 +235,12 @@ class Adaptive(_Feedback):
         link_bound = k * ratio >= 1.0
         keys, protect = [], set()
         for j in range(1, h + 1):
-            for r, e in enumerate(ranked(ctx.scores[j - 1], width)):
+            for r, e in enumerate(orders[j - 1, :width].tolist()):
                 key = ctx.key(j, e)
                 protect.add(key)
                 if key in ctx.resident:
                     continue
-                if link_bound and self.probability(j, r, k) < self.LINK_BOUND_MIN_P:
+                if link_bound and probs[j - 1, r] < self.LINK_BOUND_MIN_P:
                     continue
                 keys.append(key)
         keys = keys[: min(budget, max(0, ctx.num_slots - k))]
