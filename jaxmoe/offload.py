@@ -31,7 +31,7 @@ from jaxmoe.inplace import update_row
 from jaxmoe.model import ATTENTION_MODULES, lm_logits
 from jaxmoe.moe import GATHER_MAX_TOKENS, ExpertWeight, routed_experts
 from predictors.base import FrequencyPredictor, GateLookaheadPredictor, PreviousTokenPredictor
-from scheduler.eviction import LFU, LRU, Belady
+from scheduler.eviction import LFU, LRU, Belady, ExpectedReuse
 from scheduler.expert_cache import ExpertCache
 from scheduler.link import EmulatedLink
 from scheduler.planners import Adaptive, NoPrefetch, OraclePlanner, PlanContext, PreSched, TopKPrefetch
@@ -183,8 +183,12 @@ def make_planner(policy: str):
             "adaptive": Adaptive}[policy]()
 
 
-def make_eviction(policy: str):
-    """LFU for lfu; LRU otherwise (the prefetching planners protect what they predict within the horizon)."""
+def make_eviction(policy: str, cfg: ModelConfig):
+    """LRU for on-demand (the mixtral-offloading baseline), LFU for lfu, expected reuse distance
+    (frequency + the predictor's probabilities) for the prefetching policies."""
+    if policy in PREDICTOR_POLICIES:
+        positions = {layer: p for p, layer in enumerate(cfg.moe_layer_ids)}
+        return ExpectedReuse(positions, cfg.num_experts, cfg.num_experts_per_tok)
     return LFU() if policy == "lfu" else LRU()
 
 
@@ -216,7 +220,7 @@ class OffloadEngine:
         if policy in PREDICTOR_POLICIES and predictor is None:
             predictor = self.build_predictor("gate-lookahead")
         self.predictor = predictor if policy in PREDICTOR_POLICIES else None
-        self._new_cache(make_planner(policy) if policy != "oracle" else NoPrefetch(), make_eviction(policy))
+        self._new_cache(make_planner(policy) if policy != "oracle" else NoPrefetch(), make_eviction(policy, cfg))
         self._kv = None
         self._decode_base = None
         self._run_base = None
@@ -354,6 +358,12 @@ class OffloadEngine:
         if self.predictor is not None:  # history: this token's experts (in prefill: the last prompt token's)
             self.predictor.observe(pos, needed if self._decoding else ids_host[np.flatnonzero(valid_rows)[-1]])
         self._plan_prefetch(pos, hidden, router_logits)
+        eviction = self.cache.policy
+        if isinstance(eviction, ExpectedReuse):
+            eviction.horizon_probability = getattr(self.planner, "use_probability", {})
+            rows = ids_host[valid_rows]
+            tokens = max(len(rows), 1)
+            eviction.observe(pos, np.bincount(rows.reshape(-1), minlength=self.cfg.num_experts) / tokens, tokens)
 
     def _plan_prefetch(self, pos: int, hidden, router_logits) -> None:
         """Queues the next transfers while the device computes this layer."""

@@ -67,6 +67,9 @@ class _Feedback:
     - `recall`: running recall of the horizon-1 top-k.
     - `probability(j, rank)`: P(the expert the predictor ranks `rank` at horizon j is used), from counts
       over every rank (numpy, [H, E]) with a prior of 2 pseudo-counts.
+    - `use_probability`: after each plan, {layer: float32[E]} — every expert's calibrated probability of
+      being used at the next occurrence of each MoE layer inside the horizon (for
+      `scheduler.eviction.ExpectedReuse`).
     """
 
     def __init__(self):
@@ -74,6 +77,7 @@ class _Feedback:
         self.recall = 0.8  # prior until measured
         self.used = self.seen = None  # float64[H, E]: rank counts, allocated on the first plan
         self.ranked_at: dict[int, list[tuple[int, np.ndarray]]] = {}
+        self.use_probability: dict[int, np.ndarray] = {}
 
     def remember(self, ctx: PlanContext) -> np.ndarray:
         """Records this plan's full ranking per horizon -> orders int[H, E] (best first)."""
@@ -84,11 +88,18 @@ class _Feedback:
             self.used = np.zeros((MAX_HORIZON, num_experts))
             self.seen = np.zeros((MAX_HORIZON, num_experts))
         orders = np.argsort(-ctx.scores, axis=1, kind="stable")
+        probs = self.rank_probabilities(ctx.top_k)
+        use = {}
         for j in range(1, horizon + 1):
             target = (ctx.pos + j) % ctx.num_positions
             self.ranked_at.setdefault(target, []).append((j, orders[j - 1]))
             if j == 1:
                 self.predicted[target] = set(orders[0, : ctx.top_k].tolist())
+            if j < ctx.num_positions:  # a layer further than one token ahead is not its next occurrence
+                p = np.empty(num_experts, np.float32)
+                p[orders[j - 1]] = probs[j - 1]
+                use[ctx.layer_of_pos[target]] = p
+        self.use_probability = use  # replaced whole: the transfer thread reads it without a lock
         return orders
 
     def feedback(self, pos: int, experts) -> None:
