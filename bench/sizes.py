@@ -175,13 +175,13 @@ def bound_for_cache(replay, prompt_indices, first_position: int, decode_tokens: 
 # measurements
 
 def measure_bandwidth(store, device, repeats: int) -> dict:
-    """H2D copy of one expert (its three arrays, as the engine moves it): from pinned_host and from pageable
+    """H2D copy of one expert (one packed array, as the engine moves it): from pinned_host and from pageable
     numpy memory; jax.device_put + block_until_ready, median over `repeats` (after one untimed copy)."""
     import jax
 
     sharding = jax.sharding.SingleDeviceSharding(device)
     keys = list(store.experts)[: repeats + 1]
-    pageable = [{n: np.ones(a.shape, a.dtype) * (i + 1) for n, a in store.get(k).items()} for i, k in enumerate(keys[:2])]
+    pageable = [np.full(store.get(k).shape, i + 1, store.get(k).dtype) for i, k in enumerate(keys[:2])]
 
     def timed(sources):
         times = []

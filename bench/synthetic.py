@@ -34,7 +34,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.engine import ResidentEngine, flat_state, tree_bytes
 from jaxmoe.errors import JaxmoeError
 from jaxmoe.moe import ExpertWeight
-from jaxmoe.offload import EXPERT_NAMES, PREDICTOR_POLICIES, OffloadEngine, host_memory_kind
+from jaxmoe.offload import EXPERT_NAMES, PREDICTOR_POLICIES, OffloadEngine, host_memory_kind, pack_expert
 from predictors.base import FrequencyPredictor, PreviousTokenPredictor
 
 NOTICE = ("SYNTHETIC WEIGHTS: every weight is random (real shapes, dtype and code paths; meaningless values); "
@@ -95,8 +95,9 @@ def random_tree(abstract_tree, seed: int, device, on_device: bool = False):
 
 
 class SyntheticExpertStore:
-    """`ExpertStore`'s interface over random experts: `get((layer, e))` -> {w_gate [d,f], w_up [d,f], w_down [f,d]}
-    host-memory jax arrays. One random buffer per weight kind, copied into each expert's own host array."""
+    """`ExpertStore`'s interface over random experts: `get((layer, e))` -> the packed expert [3*d*f]
+    (`jaxmoe.offload.pack_expert`) as a host-memory jax array. One random expert, copied into each
+    expert's own host array."""
 
     def __init__(self, cfg: ModelConfig, dtype, device, seed: int = 0, progress: bool = False):
         self.memory_kind = host_memory_kind(device)
@@ -106,17 +107,17 @@ class SyntheticExpertStore:
         rng = np.random.default_rng(seed)
         np_dtype = jnp.dtype(dtype)
         buffers = {n: (INIT_STD * rng.standard_normal(shapes[n], np.float32)).astype(np_dtype) for n in EXPERT_NAMES}
-        self.experts: dict[tuple[int, int], dict] = {}
+        packed = pack_expert(buffers, np_dtype)
+        self.experts: dict[tuple[int, int], jax.Array] = {}
         keys = [(layer, e) for layer in cfg.moe_layer_ids for e in range(cfg.num_experts)]
         for i, key in enumerate(keys):
-            self.experts[key] = {n: jax.device_put(buffers[n], host) for n in EXPERT_NAMES}
+            self.experts[key] = jax.device_put(packed, host)
             if progress and (i + 1) % max(1, len(keys) // 10) == 0:
                 jax.block_until_ready(self.experts[key])
                 print(f"  synthetic experts in {self.memory_kind}: {i + 1}/{len(keys)}", file=sys.stderr, flush=True)
         jax.block_until_ready(list(self.experts.values()))
-        first = next(iter(self.experts.values()))
-        self.expert_bytes = sum(a.nbytes for a in first.values())
-        self.expert_shapes = {n: (first[n].shape, first[n].dtype) for n in EXPERT_NAMES}
+        self.expert_bytes = packed.nbytes
+        self.expert_shapes = {n: (shapes[n], np_dtype) for n in EXPERT_NAMES}
         self.host_bytes = self.expert_bytes * len(self.experts)
 
     def get(self, key):

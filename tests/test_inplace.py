@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxmoe.inplace import update_in_dim, update_row
-from jaxmoe.offload import write_slot
+from jaxmoe.offload import pack_expert, write_slot
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.int32])
@@ -27,19 +27,22 @@ def test_bfloat16_row_update_keeps_special_values():
     assert not got[[0, 1, 3]].any()
 
 
-def test_write_slot_reuses_the_donated_buffer():
-    slots = {n: jnp.zeros((8, 16, 4), jnp.bfloat16) for n in ("w_gate", "w_up", "w_down")}
-    expert = {n: jnp.full((16, 4), 1.5, jnp.bfloat16) for n in slots}
+def test_write_slot_unpacks_into_the_donated_buffers():
+    slots = {"w_gate": jnp.zeros((8, 16, 4), jnp.bfloat16), "w_up": jnp.zeros((8, 16, 4), jnp.bfloat16),
+             "w_down": jnp.zeros((8, 4, 16), jnp.bfloat16)}
+    rng = np.random.default_rng(0)
+    expert = {n: rng.normal(size=slots[n].shape[1:]).astype(np.float32) for n in slots}
     pointer = slots["w_gate"].unsafe_buffer_pointer()
-    out = jax.block_until_ready(write_slot(slots, jnp.int32(5), expert))
+    out = jax.block_until_ready(write_slot(slots, 5, jnp.asarray(pack_expert(expert, jnp.bfloat16))))
     assert slots["w_gate"].is_deleted()
     assert out["w_gate"].unsafe_buffer_pointer() == pointer  # in place, not a copy of the buffer
-    assert float(out["w_up"][5].sum()) == 1.5 * 64 and float(out["w_up"].sum()) == 1.5 * 64
+    for name in slots:
+        np.testing.assert_array_equal(np.asarray(out[name][5]), expert[name].astype(jnp.bfloat16))
+        assert not np.asarray(out[name][:5], np.float32).any() and not np.asarray(out[name][6:], np.float32).any()
 
 
 def test_write_slot_compiles_without_widening_the_buffer():
     """XLA:CPU widens a bf16 dynamic-update-slice to f32 over the whole buffer (a full copy per write)."""
     slots = {n: jnp.zeros((8, 16, 4), jnp.bfloat16) for n in ("w_gate", "w_up", "w_down")}
-    expert = {n: jnp.ones((16, 4), jnp.bfloat16) for n in slots}
-    hlo = write_slot.lower(slots, jnp.int32(1), expert).compile().as_text()
+    hlo = write_slot.lower(slots, 1, jnp.ones((3 * 16 * 4,), jnp.bfloat16)).compile().as_text()
     assert "f32[8,16,4]" not in hlo

@@ -157,9 +157,9 @@ def test_experts_live_in_pinned_host_memory(resident):
     store = engine.store
     assert store.memory_kind == "pinned_host"
     assert len(store.experts) == total_experts(engine.cfg)
-    for arrays in store.experts.values():
-        for a in arrays.values():
-            assert a.sharding.memory_kind == "pinned_host"
+    d, f = engine.cfg.hidden_size, engine.cfg.moe_intermediate_size
+    for packed in store.experts.values():  # one packed array per expert
+        assert packed.sharding.memory_kind == "pinned_host" and packed.shape == (3 * d * f,)
     for a in engine.slots.values():  # the slot buffers are device memory
         assert a.sharding.memory_kind != "pinned_host" and a.shape[0] == 3
     assert engine.generate(PROMPT, 2).stats["host_memory_kind"] == "pinned_host"
