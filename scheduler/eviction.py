@@ -99,8 +99,22 @@ class ExpectedReuse(LRU):
         candidates = table.evictable_slots() if candidates is None else candidates
         if not candidates:
             raise RuntimeError("no evictable slot: every slot is pinned")
-        keys = table.key_in_slot
-        return max(candidates, key=lambda s: (self.expected_next_use(keys[s]), -self.last_use.get(keys[s], -1)))
+        keys = [table.key_in_slot[s] for s in candidates]
+        pos = np.fromiter((self.position[layer] for layer, _ in keys), np.int64, len(keys))
+        expert = np.fromiter((e for _, e in keys), np.int64, len(keys))
+        f = np.maximum(self.freq[pos, expert], self.MIN_FREQ)
+        p = f.copy()
+        for layer, probs in self.horizon_probability.items():
+            rows = pos == self.position[layer]
+            if rows.any():
+                p[rows] = probs[expert[rows]]
+        d = (pos - self.current) % self.num_positions
+        d[d == 0] = self.num_positions
+        score = d + (1.0 - p) * self.num_positions / f
+        best = np.flatnonzero(score == score.max())
+        if len(best) == 1:
+            return candidates[int(best[0])]
+        return min((candidates[i] for i in best), key=lambda s: self.last_use.get(table.key_in_slot[s], -1))
 
 
 class Belady(LRU):

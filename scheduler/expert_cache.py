@@ -3,7 +3,7 @@
 The main (decode) thread calls `ensure(keys)` with the (layer, expert) keys the running layer routes
 to. Resident keys are pinned; keys already in flight (prefetched, not yet landed) are waited for;
 missing keys get a slot (free, or the eviction policy's victim among slots that are neither pinned nor
-in flight) and are queued as *demand* transfers ahead of every prefetch. The main thread then waits
+in flight, outside the current prefetch plan's protected set unless every candidate is in it) and are queued as *demand* transfers ahead of every prefetch. The main thread then waits
 for exactly those transfers; that wait is the stall.
 
 `prefetch(keys, protect)` replaces the queue of pending prefetches (stale ones are dropped): the
@@ -120,8 +120,10 @@ class ExpertCache:
                     self.stats.prefetch_hits += 1
                     self._prefetched_unused.discard(key)
             self._pending = deque(k for k in self._pending if k not in wanted)
-            for key in missing:
-                slot = self._claim_slot(key, protect=wanted)
+            for key in missing:  # evict outside the prefetch plan's protected set while possible
+                slot = self._claim_slot(key, protect=wanted | self._protect)
+                if slot is None:
+                    slot = self._claim_slot(key, protect=wanted)
                 while slot is None:  # every other slot pinned or in flight: wait for a transfer to land
                     self._cond.wait(POLL_S)
                     self._raise_if_failed()
