@@ -75,6 +75,7 @@ JITTED = {
     "moe_back": jaxmoe.offload.moe_back,
     "moe_back_front": jaxmoe.offload.moe_back_front,
     "write_slot": jaxmoe.offload.write_slot,
+    "write_slot_from_host": jaxmoe.offload.write_slot_from_host,
     "dense_layer": jaxmoe.offload.dense_layer,
     "embed_tokens": jaxmoe.offload.embed_tokens,
     "final_logits": jaxmoe.offload.final_logits,
