@@ -90,17 +90,20 @@ class GateLookaheadPredictor:
         self.norm_scales = np.asarray(norm_scales, np.float32)
         self.eps = eps
         self.selection_bias = None if selection_bias is None else np.asarray(selection_bias, np.float32)
+        # norm scale folded into the kernels, layers 0..L-1 then 0..L-1 again: positions p+1..p+H (wrapping)
+        # are one contiguous slice, so a call is one batched matmul
+        folded = self.norm_scales[:, :, None] * self.router_kernels  # [L, d, E]
+        self._kernels_ext = np.concatenate([folded, folded])  # [2L, d, E]
 
     def reset(self) -> None:
         pass
 
     def predict(self, pos, hidden, router_logits, horizon):
-        rows = target_positions(pos, horizon, len(self.router_kernels))
         h = np.asarray(hidden, np.float32)
-        normed = h / np.sqrt(np.mean(h * h) + self.eps)  # [d]
-        x = normed[None, :] * self.norm_scales[rows]  # [H, d]
-        scores = np.einsum("hd,hde->he", x, self.router_kernels[rows])
+        normed = h * np.float32(1.0 / np.sqrt(np.dot(h, h) / len(h) + self.eps))  # [d]
+        scores = np.matmul(normed, self._kernels_ext[pos + 1 : pos + 1 + horizon])  # [H, E]
         if self.selection_bias is not None:  # sigmoid routers with a selection bias (DeepSeek-V3)
+            rows = target_positions(pos, horizon, len(self.router_kernels))
             scores = 1.0 / (1.0 + np.exp(-scores)) + self.selection_bias[rows]
         return scores
 

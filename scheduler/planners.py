@@ -115,14 +115,19 @@ class _Feedback:
             self.recall = 0.9 * self.recall + 0.1 * hit
         if self.used is None:
             return
+        entries = self.ranked_at.pop(pos, [])
+        if not entries:
+            return
         mask = np.zeros(self.used.shape[1], bool)
         mask[list(used)] = True
-        for j, order, absent in self.ranked_at.pop(pos, []):
-            hit = mask[order]
-            self.used[j - 1] += hit
-            self.seen[j - 1] += 1
-            self.used_absent[j - 1] += hit & absent
-            self.seen_absent[j - 1] += absent
+        rows = np.array([j - 1 for j, _, _ in entries])
+        orders = np.stack([order for _, order, _ in entries])  # [n, E]
+        absent = np.stack([a for _, _, a in entries])
+        hit = mask[orders]
+        np.add.at(self.used, rows, hit)
+        np.add.at(self.seen, rows, 1)
+        np.add.at(self.used_absent, rows, hit & absent)
+        np.add.at(self.seen_absent, rows, absent)
 
     def rank_probabilities(self, top_k: int, absent: bool = False) -> np.ndarray:
         """float32[H, E]: calibrated P(used) of the expert at each rank, per horizon (absent: of one that
