@@ -90,10 +90,10 @@ class GateLookaheadPredictor:
         self.norm_scales = np.asarray(norm_scales, np.float32)
         self.eps = eps
         self.selection_bias = None if selection_bias is None else np.asarray(selection_bias, np.float32)
-        # norm scale folded into the kernels, layers 0..L-1 then 0..L-1 again: positions p+1..p+H (wrapping)
-        # are one contiguous slice, so a call is one batched matmul
+        # norm scale folded into the kernels, layers 0..L-1 repeated: positions p+1..p+H (wrapping, also
+        # past one token when H > L) are one contiguous slice, so a call is one batched matmul
         folded = self.norm_scales[:, :, None] * self.router_kernels  # [L, d, E]
-        self._kernels_ext = np.concatenate([folded, folded])  # [2L, d, E]
+        self._kernels_ext = np.concatenate([folded] * (2 + MAX_HORIZON // len(folded)))  # [(2 + H/L) L, d, E]
 
     def reset(self) -> None:
         pass
