@@ -8,9 +8,18 @@ command needs them (the default-model cache converts on first use; the offload e
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from jaxmoe.errors import JaxmoeError
+# Round every bfloat16/float16 intermediate to its type, whatever XLA fuses: otherwise XLA may keep a
+# fused chain in float32, so the same arithmetic split into different jitted pieces (the offloaded
+# engine's per-layer steps against the resident engine's whole-model step) rounds differently and
+# greedy bf16 decoding can pick a different token. Must be set before JAX starts its backend.
+EXACT_PRECISION_FLAG = "--xla_allow_excess_precision=false"
+if EXACT_PRECISION_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + EXACT_PRECISION_FLAG).strip()
+
+from jaxmoe.errors import JaxmoeError  # noqa: E402
 
 __all__ = ["load", "JaxmoeError"]
 

@@ -5,6 +5,7 @@ next token's first MoE layers) from what the runtime has in hand at MoE position
 
     x     = rms(hidden_p) @ W_h + std(router_logits_p) @ W_r + b       [D]    ExpertFlow's hybrid of the
                                                                               intermediate state and pre-gating
+            (+ cur_p @ W_c)                                                   cur_p: layer p's own choice
     g_j   = std(rms(hidden_p) @ K[t_j])      t_j = (p + j) mod L        [H, E] pre-gating of the target layer
     u_j   = x + src[p] + hor[j] (+ hist_j @ W_hist) (+ g_j @ W_g)       [H, D] layer-aware: source-position
                                                                               and horizon embeddings
@@ -22,6 +23,12 @@ two embeddings; a per-target-layer bias gives each layer its own expert prior.
 horizon j: the previous token's for targets later in this token, this token's for wrapped targets —
 exactly what `PreviousTokenPredictor` predicts, fed as a feature so the network can weigh temporal
 locality against the hidden state.
+
+`cur_p` (optional, `use_current`) is layer p's own routing decision as the network sees it cheaply: the
+top-k of router_logits_p as a k-hot weighted by the softmax over those k logits [E]. Layer p's MoE output
+(which the next layer's router reads, through the residual stream) is, to first order, this vector times
+one direction per expert, so W_c learns those directions; from the standardised logits alone a ReLU trunk
+has to learn the top-k selection itself.
 
 `g_j` (optional, `use_lookahead`) is ProMoE's gate lookahead as a feature: K[l] is MoE layer l's
 router with its pre-router norm scale folded in (scale[:, None] * router, [d, E]), a frozen copy of the
@@ -77,6 +84,7 @@ class LLaPorConfig:
     use_history: bool = True
     use_lookahead: bool = False
     activation: str = "relu"  # "relu" | "gelu" (tanh approximation)
+    use_current: bool = False  # layer p's weighted top-k as a feature (False in predictors saved before it existed)
 
     def __post_init__(self):
         if not 1 <= self.horizon <= MAX_HORIZON:
@@ -100,6 +108,12 @@ def _features(hidden, router_logits):
     return h, z
 
 
+def current_routing(router_logits, top_k: int):
+    """router_logits float32[B, E] -> float32[B, E]: the top-k experts, weighted by a softmax over their logits."""
+    vals, ids = jax.lax.top_k(router_logits, top_k)  # [B, k]
+    return (jax.nn.one_hot(ids, router_logits.shape[-1]) * jax.nn.softmax(vals, -1)[..., None]).sum(-2)
+
+
 class Frozen(nnx.Variable):
     """A constant saved with the parameters but not trained (the model's folded router kernels)."""
 
@@ -121,6 +135,8 @@ class LLaPor(nnx.Module):
         self.cfg = cfg
         self.in_hidden = nnx.Linear(d, D, use_bias=False, rngs=rngs)
         self.in_logits = nnx.Linear(E, D, rngs=rngs)
+        if cfg.use_current:
+            self.in_current = nnx.Linear(E, D, use_bias=False, rngs=rngs)
         self.src_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (L, D)))
         self.hor_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (H, D)))
         if cfg.use_history:
@@ -144,6 +160,8 @@ class LLaPor(nnx.Module):
         cfg = self.cfg
         h, z = _features(hidden, router_logits)
         x = self.in_hidden(h) + self.in_logits(z)  # [B, D]
+        if cfg.use_current:
+            x = x + self.in_current(current_routing(router_logits, cfg.top_k))
         u = x[:, None, :] + self.src_embed[...][pos][:, None, :] + self.hor_embed[...][None]  # [B, H, D]
         if cfg.use_history:
             u = u + self.in_history(history)
@@ -252,6 +270,16 @@ def _gelu(x):  # tanh approximation, as flax.nnx.gelu (jax.nn.gelu approximate=T
     return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * x * x * x)))
 
 
+def current_routing_np(router_logits, top_k: int):
+    """numpy twin of `current_routing`: float32[B, E] -> float32[B, E]."""
+    ids = np.argpartition(-router_logits, top_k - 1, -1)[:, :top_k]  # [B, k]
+    vals = np.take_along_axis(router_logits, ids, -1)
+    w = np.exp(vals - vals.max(-1, keepdims=True))
+    out = np.zeros_like(router_logits)
+    np.put_along_axis(out, ids, w / w.sum(-1, keepdims=True), -1)
+    return out
+
+
 class LLaPorPredictor:
     """`predictors.base.Predictor` running LLaPor's forward in numpy on the host.
 
@@ -269,6 +297,8 @@ class LLaPorPredictor:
         self.w_h, self.w_r, self.b_r = p["in_hidden.kernel"], p["in_logits.kernel"], p["in_logits.bias"]
         self.src, self.hor = p["src_embed"], p["hor_embed"]
         self.w_hist = p["in_history.kernel"] if cfg.use_history else None
+        self.w_cur = p["in_current.kernel"] if cfg.use_current else None
+        self.top_k = cfg.top_k
         self.ln_scale, self.ln_bias = p["norm.scale"], p["norm.bias"]
         self.blocks = [(p[f"blocks.{i}.kernel"], p[f"blocks.{i}.bias"]) for i in range(cfg.depth)]
         self.heads, self.tgt_bias = p["heads"], p["tgt_bias"]
@@ -309,6 +339,10 @@ class LLaPorPredictor:
         h_scale = np.float32(1.0 / math.sqrt(float(h @ h) / h.size + NORM_EPS))
         r_scale = np.float32(1.0 / math.sqrt(float(r @ r) / r.size + NORM_EPS))
         x = (h @ self.w_h) * h_scale + (r @ self.w_r) * r_scale + self.b_r  # [D]
+        if self.w_cur is not None:  # top-k of the centred logits = top-k of the logits; softmax is shift-free
+            ids = np.argpartition(r, -self.top_k)[-self.top_k:]
+            w = np.exp(r[ids] - r[ids].max())
+            x += (w / w.sum()) @ self.w_cur[ids]
         u = x + self.src_hor[pos, :horizon]  # [h, D]
         rows = self.tgt_layer[pos, :horizon]
         if self.w_hist is not None:
@@ -343,10 +377,13 @@ class LLaPorPredictor:
         h = np.asarray(hidden, np.float32)
         r = np.asarray(router_logits, np.float32)
         B, H, E = len(h), self.horizon, self.num_experts
+        cur = None if self.w_cur is None else current_routing_np(r, self.top_k)  # from the raw logits
         h = h / np.sqrt(np.mean(h * h, -1, keepdims=True) + np.float32(NORM_EPS))
         r = r - r.mean(-1, keepdims=True)
         r = r / np.sqrt(np.mean(r * r, -1, keepdims=True) + np.float32(NORM_EPS))
         x = h @ self.w_h + r @ self.w_r + self.b_r  # [B, D]
+        if self.w_cur is not None:
+            x = x + cur @ self.w_cur
         u = x[:, None, :] + self.src_hor[pos]  # [B, H, D]
         if self.w_hist is not None:
             u = u + (np.asarray(history, np.float32).reshape(B * H, E) @ self.w_hist).reshape(B, H, -1)

@@ -143,6 +143,7 @@ def validation_recall(predictor, trace: TraceData, horizon: int, top_k: int, max
 def train(trace_dir: Path, horizon: int = MAX_HORIZON, steps: int = 10000, seed: int = 0, width: int = 256, depth: int = 2,
           batch_size: int = 512, lr: float = 2e-3, weight_decay: float = 1e-4, use_history: bool = True,
           lookahead_kernels: np.ndarray | None = None, activation: str = "relu", eval_every: int | None = None,
+          use_current: bool = True,
           progress: bool = True, log=None):
     """-> (LLaPorConfig, flat numpy params, report dict). lookahead_kernels: float32[L, d, E] from
     `router_lookahead_kernels(model_dir)` turns on the gate-lookahead feature."""
@@ -163,7 +164,8 @@ def train(trace_dir: Path, horizon: int = MAX_HORIZON, steps: int = 10000, seed:
     if val_trace.hidden.shape[1:] != (L, d) or val_trace.num_experts != E:
         raise JaxmoeError(f"{trace_dir}: train and validation splits have different shapes")
     cfg = LLaPorConfig(hidden_size=d, num_experts=E, num_moe_layers=L, top_k=k, horizon=horizon, width=width, depth=depth,
-                       use_history=use_history, use_lookahead=lookahead_kernels is not None, activation=activation)
+                       use_history=use_history, use_lookahead=lookahead_kernels is not None, activation=activation,
+                       use_current=use_current)
     data = _device_data(train_trace, horizon)
     model = LLaPor(cfg, nnx.Rngs(seed), lookahead_kernels)
     graphdef, params, frozen = nnx.split(model, nnx.Param, Frozen)
@@ -280,6 +282,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=512, help="(token, position) pairs per step")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--no-history", action="store_true", help="without the most-recent-routing feature")
+    p.add_argument("--no-current", action="store_true", help="without the current layer's weighted top-k feature")
     p.add_argument("--model", type=Path, default=None,
                    help="converted model of the trace, for the gate-lookahead feature (default: the trace manifest's model_dir)")
     p.add_argument("--no-lookahead", action="store_true", help="without the gate-lookahead feature")
@@ -303,7 +306,8 @@ def main(argv=None) -> int:
             kernels = None if model_dir is None else router_lookahead_kernels(model_dir)
         cfg, params, report = train(args.traces, args.horizon, args.steps, args.seed, args.width, args.depth,
                                     args.batch_size, args.lr, use_history=not args.no_history, lookahead_kernels=kernels,
-                                    activation=args.activation, eval_every=args.eval_every)
+                                    activation=args.activation, eval_every=args.eval_every,
+                                    use_current=not args.no_current)
         report["traces"] = str(args.traces)
         report["command"] = " ".join(["python -m predictors.train", *(sys.argv[1:] if argv is None else argv)])
         write_predictor(args.out, cfg, params, report, manifest.get("model", {}), args.force)

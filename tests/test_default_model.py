@@ -101,3 +101,19 @@ def test_trainer_smoke(tmp_path):
     report = json.loads((out / "train_report.json").read_text())
     assert np.isfinite(report["held_out_loss"]) and report["steps"] == 2
     assert main(["--out", str(out), "--steps", "1"]) == 2  # refuses to overwrite
+
+
+@needs_default_model
+def test_committed_llapor_drives_presched_with_identical_output(converted_default):
+    """The shipped predictor (predictors/assets/default-llapor) matches the default model and changes only speed."""
+    import jaxmoe
+    from pathlib import Path
+
+    llapor = Path(__file__).resolve().parents[1] / "predictors" / "assets" / "default-llapor"
+    resident = jaxmoe.load(converted_default)
+    prompt = resident.tokenizer.encode(DEFAULT_PROMPT)
+    expected = resident.generate(prompt, 12).generated_ids
+    engine = jaxmoe.load(converted_default, cache_slots=24, policy="presched", predictor=str(llapor))
+    result = engine.generate(prompt, 12)
+    assert result.generated_ids == expected
+    assert result.stats["predictor"] == "llapor" and result.stats["decode_cache"]["prefetches"] > 0

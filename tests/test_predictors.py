@@ -167,8 +167,8 @@ def test_numpy_forward_equals_flax_forward(traces, trained, variant):
         cfg, params, _ = trained["real"]
         model = LLaPor(cfg, nnx.Rngs(3))
         load_into(model, params)
-    else:  # random weights: every optional path of the forward (history, lookahead, gelu, 2 blocks)
-        cfg = LLaPorConfig(D, E, L, K, width=48, depth=2, use_lookahead=True, activation="gelu")
+    else:  # random weights: every optional path of the forward (history, lookahead, current, gelu, 2 blocks)
+        cfg = LLaPorConfig(D, E, L, K, width=48, depth=2, use_lookahead=True, activation="gelu", use_current=True)
         kernels = np.random.default_rng(4).normal(size=(L, D, E)).astype(np.float32)
         model = LLaPor(cfg, nnx.Rngs(4), kernels)
         params = params_of(model)
