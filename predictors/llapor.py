@@ -305,7 +305,13 @@ class LLaPorPredictor:
         self.tgt_layer, _ = target_table(cfg.num_moe_layers, cfg.horizon)  # [L, H]
         self.src_hor = self.src[:, None, :] + self.hor[None, :, :]  # [L, H, D]: per-call embedding sum, precomputed
         self.tgt_bias_of = self.tgt_bias[self.tgt_layer]  # [L, H, E]
-        # the history feature, projected once per observe (hist_j @ W_hist), so predict only gathers rows
+        # predict's copies with the mean-centring of LayerNorm (over D) and of the lookahead standardisation
+        # (over E) folded in: both are linear, so centring the weights centres their outputs, two numpy ops fewer
+        centre = lambda w: np.ascontiguousarray(w - w.mean(-1, keepdims=True), np.float32)
+        self.c_w_h, self.c_w_r, self.c_b_r, self.c_src_hor = centre(self.w_h), centre(self.w_r), centre(self.b_r), centre(self.src_hor)
+        self.c_w_cur = centre(self.w_cur) if self.w_cur is not None else None
+        # the history feature, projected (and centred) once per observe (hist_j @ W_hist), so predict only gathers rows
+        self.c_w_hist = centre(self.w_hist) if self.w_hist is not None else None
         self.history_proj = np.zeros((cfg.num_moe_layers, cfg.width), np.float32)
         self.mean_vec = np.full(cfg.width, 1.0 / cfg.width, np.float32)
         self.act = _relu if cfg.activation == "relu" else _gelu
@@ -313,7 +319,8 @@ class LLaPorPredictor:
         if self.kernels is not None:
             self.w_g, self.gain = p["in_lookahead.kernel"], p["lookahead_gain"]
             # layers p+1 .. p+H as one contiguous slice, wrapped ones repeated at the end
-            self.kernels_ext = np.concatenate([self.kernels, self.kernels[: cfg.horizon]])  # [L + H, d, E]
+            self.kernels_ext = centre(np.concatenate([self.kernels, self.kernels[: cfg.horizon]]))  # [L + H, d, E], centred over E
+            self.c_w_g = centre(self.w_g)
             self.mean_e = np.full(cfg.num_experts, 1.0 / cfg.num_experts, np.float32)
 
     @classmethod
@@ -326,11 +333,12 @@ class LLaPorPredictor:
 
     def observe(self, pos: int, expert_ids: np.ndarray) -> None:
         if self.w_hist is not None:  # k-hot @ W_hist == the sum of the chosen experts' rows
-            self.history_proj[pos] = self.w_hist[np.unique(expert_ids)].sum(0)
+            self.history_proj[pos] = self.c_w_hist[np.unique(expert_ids)].sum(0)
 
     def predict(self, pos: int, hidden: np.ndarray, router_logits: np.ndarray, horizon: int) -> np.ndarray:
-        # the same arithmetic as forward_batch, arranged for one call: scalars folded in after the
-        # matvecs, row means as BLAS dots (a numpy op costs ~1 us at these sizes, so fewer ops matter)
+        # the same arithmetic as forward_batch, arranged for one call: scalars folded in after the matvecs,
+        # centrings folded into the weights, row means as BLAS dots (a numpy op costs ~1-3 us at these
+        # sizes, more than most of the arithmetic, so fewer ops matter)
         if horizon > self.horizon:
             raise JaxmoeError(f"LLaPor predictor was trained for horizon {self.horizon}, asked for {horizon}")
         h = np.asarray(hidden, np.float32)
@@ -338,22 +346,19 @@ class LLaPorPredictor:
         r = r - np.float32(r.sum() / r.size)
         h_scale = np.float32(1.0 / math.sqrt(float(h @ h) / h.size + NORM_EPS))
         r_scale = np.float32(1.0 / math.sqrt(float(r @ r) / r.size + NORM_EPS))
-        x = (h @ self.w_h) * h_scale + (r @ self.w_r) * r_scale + self.b_r  # [D]
+        x = (h @ self.c_w_h) * h_scale + (r @ self.c_w_r) * r_scale + self.c_b_r  # [D], zero-mean
         if self.w_cur is not None:  # top-k of the centred logits = top-k of the logits; softmax is shift-free
             ids = np.argpartition(r, -self.top_k)[-self.top_k:]
             w = np.exp(r[ids] - r[ids].max())
-            x += (w / w.sum()) @ self.w_cur[ids]
-        u = x + self.src_hor[pos, :horizon]  # [h, D]
-        rows = self.tgt_layer[pos, :horizon]
+            x += (w / w.sum()) @ self.c_w_cur[ids]
+        u = x + self.c_src_hor[pos, :horizon]  # [h, D]
         if self.w_hist is not None:
-            u += self.history_proj[rows]
+            u += self.history_proj[self.tgt_layer[pos, :horizon]]
         if self.kernels is not None:
-            g = np.matmul(h, self.kernels_ext[pos + 1 : pos + 1 + horizon]) * h_scale  # [h, E]
-            g -= (g @ self.mean_e)[:, None]
+            g = np.matmul(h, self.kernels_ext[pos + 1 : pos + 1 + horizon]) * h_scale  # [h, E], zero-mean
             g *= (1.0 / np.sqrt((g * g) @ self.mean_e + np.float32(NORM_EPS)))[:, None]
-            u += g @ self.w_g
-        u -= (u @ self.mean_vec)[:, None]
-        u *= (1.0 / np.sqrt((u * u) @ self.mean_vec + np.float32(LN_EPS)))[:, None]
+            u += g @ self.c_w_g
+        u *= (1.0 / np.sqrt((u * u) @ self.mean_vec + np.float32(LN_EPS)))[:, None]  # u is zero-mean already
         a = self.act(u * self.ln_scale + self.ln_bias)
         for w, bias in self.blocks:
             a = a + self.act(a @ w + bias)  # [h, D]
