@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import jaxmoe
 from jaxmoe.engine import ResidentEngine
-from jaxmoe.errors import JaxmoeError
+from jaxmoe.errors import JaxmoeError, run_cli
 from jaxmoe.offload import POLICIES
 
 DEFAULT_POLICIES = ("on-demand", "lfu", "prefetch", "presched", "adaptive", "oracle")
@@ -111,11 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--name", default="policies")
     args = p.parse_args(argv)
-    try:
-        return run(args)
-    except JaxmoeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(run, args)
 
 
 def run(args) -> int:

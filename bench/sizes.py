@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.shapes import SHAPE_NAMES, describe, hf_config_dict, model_config
-from jaxmoe.errors import JaxmoeError
+from jaxmoe.errors import JaxmoeError, run_cli
 
 DEFAULT_POLICIES = ("on-demand", "lfu", "prefetch", "presched", "adaptive", "oracle")
 DEFAULT_CACHE = "0.1,0.25,0.5,0.75,1.0"
@@ -761,11 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except JaxmoeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(run, args)
 
 
 def run(args) -> int:

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from jaxmoe.errors import JaxmoeError
+from jaxmoe.errors import JaxmoeError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,14 +118,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except JaxmoeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    return run_cli(run, args)
 
 
 if __name__ == "__main__":

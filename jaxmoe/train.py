@@ -32,7 +32,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.errors import JaxmoeError
+from jaxmoe.errors import JaxmoeError, run_cli
 from jaxmoe.model import MoEModel
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]
@@ -158,11 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--aux-coef", type=float, default=0.01)
     p.add_argument("--max-docs", type=int, default=None, help="use only this many documents (smoke runs)")
     args = p.parse_args(argv)
-    try:
-        return run(args)
-    except JaxmoeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(run, args)
 
 
 def run(args) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmoe.errors import JaxmoeError
+from jaxmoe.errors import JaxmoeError, run_cli
 from predictors.trace_format import MANIFEST, write_manifest, write_shard
 
 DEFAULT_SHARD_TOKENS = 16384
@@ -386,14 +386,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except JaxmoeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    return run_cli(run, args)
 
 
 if __name__ == "__main__":
