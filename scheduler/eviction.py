@@ -86,15 +86,6 @@ class ExpectedReuse(LRU):
         self.freq[pos] = decay * self.freq[pos] + (1 - decay) * usage
         self.current = pos
 
-    def expected_next_use(self, key: ExpertKey) -> float:
-        layer, expert = key
-        q = self.position[layer]
-        d = (q - self.current) % self.num_positions or self.num_positions
-        f = max(float(self.freq[q, expert]), self.MIN_FREQ)
-        p = self.horizon_probability.get(layer)
-        p = f if p is None else float(p[expert])
-        return d + (1.0 - p) * self.num_positions / f
-
     def victim(self, table: SlotTable, candidates: list[int] | None = None) -> int:
         candidates = table.evictable_slots() if candidates is None else candidates
         if not candidates:

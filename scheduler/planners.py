@@ -43,13 +43,6 @@ class PlanContext:
         return (self.layer_of_pos[(self.pos + j) % self.num_positions], int(expert))
 
 
-def ranked(scores_row: np.ndarray, count: int) -> np.ndarray:
-    """Indices of the `count` highest scores, best first."""
-    count = min(count, scores_row.shape[0])
-    top = np.argpartition(-scores_row, count - 1)[:count]
-    return top[np.argsort(-scores_row[top], kind="stable")]
-
-
 class NoPrefetch:
     name = "none"
     horizon = 0
@@ -83,16 +76,15 @@ class _Feedback:
         self.ranked_at: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
         self.use_probability: dict[int, np.ndarray] = {}
 
-    def remember(self, ctx: PlanContext) -> np.ndarray:
-        """Records this plan's full ranking per horizon -> orders int[H, E] (best first)."""
-        if ctx.scores is None:
-            return None
+    def remember(self, ctx: PlanContext) -> tuple[np.ndarray, np.ndarray]:
+        """Records this plan's full ranking per horizon -> (orders int[H, E] best first,
+        `rank_probabilities(top_k)` float32[H, E])."""
         horizon, num_experts = ctx.scores.shape
         if self.used is None or self.used.shape[1] != num_experts:
             self.used, self.seen = np.zeros((MAX_HORIZON, num_experts)), np.zeros((MAX_HORIZON, num_experts))
             self.used_absent, self.seen_absent = np.zeros_like(self.used), np.zeros_like(self.seen)
         orders = np.argsort(-ctx.scores, axis=1, kind="stable")
-        probs = self.last_probabilities = self.rank_probabilities(ctx.top_k)
+        probs = self.rank_probabilities(ctx.top_k)
         use = {}
         for j in range(1, horizon + 1):
             target = (ctx.pos + j) % ctx.num_positions
@@ -106,7 +98,7 @@ class _Feedback:
                 p[orders[j - 1]] = probs[j - 1]
                 use[ctx.layer_of_pos[target]] = p
         self.use_probability = use  # replaced whole: the transfer thread reads it without a lock
-        return orders
+        return orders, probs
 
     def feedback(self, pos: int, experts) -> None:
         used = {int(e) for e in experts}
@@ -145,12 +137,6 @@ class _Feedback:
             self._prior_cache = (top_k, 2 * prior[None, :] * (0.9 ** np.arange(MAX_HORIZON))[:, None])
         return self._prior_cache[1]
 
-    def probability(self, j: int, rank: int, top_k: int) -> float:
-        """Calibrated P(expert ranked `rank` at horizon j is used), with a prior of 2 pseudo-counts."""
-        if self.used is None:
-            return (0.85 if rank < top_k else 0.25) * (0.9 ** (j - 1))
-        return float(self.rank_probabilities(top_k)[j - 1, rank])
-
 
 class TopKPrefetch(_Feedback):
     """The predictor's top-`width` experts for each of the next `horizon` MoE layers, nearest first."""
@@ -163,7 +149,7 @@ class TopKPrefetch(_Feedback):
 
     def plan(self, ctx: PlanContext):
         width = self.width or ctx.top_k
-        orders = self.remember(ctx)
+        orders, _ = self.remember(ctx)
         keys = [ctx.key(j, e) for j in range(1, ctx.scores.shape[0] + 1) for e in orders[j - 1, :width].tolist()]
         keys = keys[: ctx.num_slots - ctx.top_k]  # never plan more than the cache can hold beside the running layer
         return keys, set(keys)
@@ -205,8 +191,8 @@ class PreSched(_Feedback):
 
     def plan(self, ctx: PlanContext):
         k = ctx.top_k
-        orders = self.remember(ctx)
-        probs, probs_absent = self.last_probabilities, self.rank_probabilities(k, absent=True)
+        orders, probs = self.remember(ctx)
+        probs_absent = self.rank_probabilities(k, absent=True)
         t_x, t_c = max(ctx.transfer_s, 1e-9), max(ctx.layer_compute_s, 1e-9)
         candidates, protect = [], set()
         for j in range(1, ctx.scores.shape[0] + 1):
@@ -260,7 +246,7 @@ class Adaptive(_Feedback):
 
     def plan(self, ctx: PlanContext):
         k = ctx.top_k
-        orders = self.remember(ctx)
+        orders, _ = self.remember(ctx)
         probs = self.rank_probabilities(k, absent=True)
         ratio = max(ctx.transfer_s, 1e-9) / max(ctx.layer_compute_s, 1e-9)
         h = int(min(ctx.scores.shape[0], max(1, math.ceil(k * ratio))))
