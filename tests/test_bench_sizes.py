@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from bench.shapes import SHAPE_NAMES, describe, model_config
-from bench.sizes import main, min_transfers
+from bench.__main__ import main as bench_main
+from bench.sizes import min_transfers
 from bench.synthetic import (
     NOTICE, Replay, ReplayLookahead, RoutingSource, map_routing, routing_tables, save_routing, synthetic_routing,
 )
@@ -85,13 +86,18 @@ def test_replay_lookahead_matches_recall():
     assert scores.shape == (2, cfg.num_experts) and (np.sort(scores, 1)[:, -1] > 0).all()
 
 
+def test_bench_entry_point_rejects_unknown_subcommand(capsys):
+    assert bench_main(["sizez"]) == 2
+    assert "unknown subcommand 'sizez'" in capsys.readouterr().err
+
+
 def test_cpu_smoke_run_writes_json_and_markdown(tmp_path):
     routing = save_routing(random_source(tokens=300), tmp_path / "routing.npz")
     out = tmp_path / "out"
     argv = ["--shape", "olmoe-1b-7b", "--layers", "2", "--scale", "0.02", "--policies", "on-demand,prefetch",
             "--cache", "0.125", "--tokens", "5", "--prompt-tokens", "10", "--repeats", "1", "--bandwidth-repeats", "3",
             "--trace", str(routing), "--peer", "none", "--out", str(out)]
-    assert main(argv) == 0
+    assert bench_main(["sizes", *argv]) == 0  # through the one entry point, `python -m bench sizes`
     report = json.loads((out / "sizes-olmoe-1b-7b.json").read_text())
     md = (out / "sizes-olmoe-1b-7b.md").read_text()
     assert report["notice"] == NOTICE and "SYNTHETIC WEIGHTS" in NOTICE and "SYNTHETIC WEIGHTS" in md
