@@ -2,9 +2,11 @@
 
 Routed-expert weights are stacked over a leading "slot" axis: `w_gate, w_up: [S, d, f]`,
 `w_down: [S, f, d]`. In the resident model slot == expert id; the offloading runtime passes a
-fixed-size pool of device slots and slot ids instead. Three interchangeable kernels:
+fixed-size pool of device slots and slot ids instead. Interchangeable kernels:
   - `experts_gather`: gathers each token's k expert matrices (few tokens: decode).
-  - `experts_grouped`: sorts token-expert pairs by slot and runs `jax.lax.ragged_dot` (prefill).
+  - `experts_grouped`: sorts token-expert pairs by slot and runs `jax.lax.ragged_dot` (resident prefill).
+  - `experts_bucketed`: sorts pairs into a [groups, rows] table sized on the host and scans one FFN per
+    used slot; cost independent of the number of slots (offloaded prefill over a large slot pool).
   - `experts_reference`: a naive per-expert loop, the reference the fast paths are tested against.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxmoe.config import ModelConfig
@@ -19,6 +22,7 @@ from jaxmoe.layers import SwiGLUMLP, linear, normal_param, swiglu
 from jaxmoe.routing import RouterSpec, router_logits, select_experts
 
 GATHER_MAX_TOKENS = 8  # up to this many tokens the gather kernel is used, above it the grouped one
+MIN_BUCKET_ROWS = 8  # experts_bucketed: smallest rows-per-group bucket
 
 
 class ExpertWeight(nnx.Param):
@@ -48,6 +52,68 @@ def experts_grouped(x, slot_ids, weights, w_gate, w_up, w_down):
     y = jax.lax.ragged_dot(h, w_down.astype(x.dtype), group_sizes)  # [N*k, d]
     y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
     return jnp.zeros_like(x).at[token_of].add(y)
+
+
+def plan_buckets(slot_ids, num_groups: int | None = None) -> tuple[int, int]:
+    """Host side of `experts_bucketed`: slot_ids int[N, k] (numpy, -1 = skipped) -> (num_groups,
+    rows_per_group): the number of distinct slots used (or the given fixed `num_groups`, which must be
+    at least that) and the largest pair count of one slot, rounded up to powers of two (at least
+    MIN_BUCKET_ROWS rows) so few shapes compile."""
+    flat = np.asarray(slot_ids).reshape(-1)
+    used = flat[flat >= 0]
+    counts = np.unique(used, return_counts=True)[1] if used.size else np.zeros(1, np.int64)
+    pow2 = lambda n: 1 << max(0, int(n) - 1).bit_length()  # noqa: E731
+    if num_groups is None:
+        num_groups = pow2(max(1, len(counts)))
+    elif num_groups < len(counts):
+        raise ValueError(f"num_groups {num_groups} < {len(counts)} distinct slots")
+    return num_groups, max(MIN_BUCKET_ROWS, pow2(counts.max()))
+
+
+def experts_bucketed(x, slot_ids, weights, w_gate, w_up, w_down, num_groups: int, rows_per_group: int):
+    """Same contract as `experts_gather` (slot_ids -1: pair skipped), at a cost independent of the number of
+    slots S: token-expert pairs are sorted by slot into a table of `num_groups` groups x `rows_per_group`
+    rows, and a scan runs one FFN per used slot over its rows ([R, d] @ [d, f]; unused groups skipped).
+
+    XLA lowers `ragged_dot` on CPU and (without cuDNN's path) on GPU to a dense product against every
+    group, O(S) -- fatal over a pool of hundreds of slots. Here the work is num_groups x rows_per_group
+    rows. The caller must guarantee at most `num_groups` distinct slots and at most `rows_per_group`
+    pairs per slot (`plan_buckets`, from the routing the offloading runtime already has on the host);
+    pairs beyond either are dropped."""
+    n, k = slot_ids.shape
+    num_slots = w_gate.shape[0]
+    pairs = n * k
+    flat = slot_ids.reshape(-1)
+    key = jnp.where(flat >= 0, flat, num_slots)  # skipped pairs sort last
+    order = jnp.argsort(key, stable=True)  # [P]
+    sorted_key = key[order]
+    index = jnp.arange(pairs)
+    is_start = jnp.concatenate([jnp.ones(1, bool), sorted_key[1:] != sorted_key[:-1]])
+    group = jnp.cumsum(is_start) - 1  # group of each sorted pair
+    row = index - jax.lax.cummax(jnp.where(is_start, index, 0))  # its row within the group
+    keep = (sorted_key < num_slots) & (group < num_groups) & (row < rows_per_group)
+    table = jnp.full((num_groups, rows_per_group), -1, jnp.int32)
+    table = table.at[jnp.where(keep, group, num_groups), row].set(order.astype(jnp.int32), mode="drop")
+    group_slot = jnp.full((num_groups,), -1, jnp.int32)
+    group_slot = group_slot.at[jnp.where(keep & is_start, group, num_groups)].set(sorted_key.astype(jnp.int32), mode="drop")
+    pair_weight = jnp.where(flat >= 0, weights.reshape(-1), 0).astype(x.dtype)
+
+    def one_group(out, slot_and_rows):
+        slot, rows = slot_and_rows
+
+        def run(out):
+            present = rows >= 0
+            pair = jnp.where(present, rows, 0)
+            token = pair // k
+            w = [jax.lax.dynamic_index_in_dim(m, slot, 0, keepdims=False) for m in (w_gate, w_up, w_down)]
+            y = swiglu(x[token], *w)  # [R, d]
+            y = y * jnp.where(present, pair_weight[pair], 0)[:, None]
+            return out.at[token].add(y)
+
+        return jax.lax.cond(slot >= 0, run, lambda out: out, out), None
+
+    out, _ = jax.lax.scan(one_group, jnp.zeros_like(x), (group_slot, table))
+    return out
 
 
 def experts_reference(x, slot_ids, weights, w_gate, w_up, w_down):

@@ -30,7 +30,7 @@ from jaxmoe.engine import SamplingParams, device_peak_bytes, flat_state, generat
 from jaxmoe.errors import JaxmoeError
 from jaxmoe.inplace import update_row
 from jaxmoe.model import ATTENTION_MODULES, lm_logits
-from jaxmoe.moe import GATHER_MAX_TOKENS, ExpertWeight, routed_experts
+from jaxmoe.moe import GATHER_MAX_TOKENS, ExpertWeight, experts_bucketed, plan_buckets, routed_experts
 from predictors.base import FrequencyPredictor, GateLookaheadPredictor, PreviousTokenPredictor
 from scheduler.eviction import LFU, LRU, Belady, ExpectedReuse
 from scheduler.expert_cache import ExpertCache
@@ -60,9 +60,14 @@ def moe_front(graphdef, state, h, cache, positions):
 
 
 @partial(jax.jit, static_argnames=("kernel",))
-def routed_over_slots(flat, slot_ids, weights, slots, kernel: str):
+def routed_over_slots(flat, slot_ids, weights, slots, kernel):
     """flat: [N, d]; slot_ids: int32[N, k], -1 where the expert is not in this group (weight dropped);
-    weights: f32[N, k]; slots: {w_*: [S, ...]} -> [N, d]."""
+    weights: f32[N, k]; slots: {w_*: [S, ...]} -> [N, d].
+    kernel: "gather" (few tokens), or ("bucketed", num_groups, rows_per_group) from `plan_buckets`."""
+    if isinstance(kernel, tuple):
+        _, num_groups, rows_per_group = kernel
+        return experts_bucketed(flat, slot_ids, weights, slots["w_gate"], slots["w_up"], slots["w_down"],
+                                num_groups, rows_per_group)
     in_group = slot_ids >= 0
     weights = jnp.where(in_group, weights, 0.0)
     slot_ids = jnp.where(in_group, slot_ids, 0)  # any valid slot: its contribution is weighted by 0
@@ -77,7 +82,7 @@ def moe_back(graphdef, state, h, flat, routed):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "kernel", "next_graphdef"), donate_argnames=("next_cache",))
-def moe_back_front(graphdef, state, h, flat, slot_ids, weights, slots, routed_partial, kernel: str,
+def moe_back_front(graphdef, state, h, flat, slot_ids, weights, slots, routed_partial, kernel,
                    next_graphdef, next_state, next_cache, positions):
     """One dispatch per MoE layer in steady state: this layer's routed experts over the slots (plus
     `routed_partial` [N, d] from earlier expert groups, or None), its shared expert and residual, then
@@ -365,7 +370,7 @@ class OffloadEngine:
         if self.routing_override is not None:
             ids_host = np.asarray(self.routing_override(layer, np.atleast_1d(self._position), ids_host), np.int32)
         needed = np.unique(ids_host[valid_rows])
-        kernel = "gather" if flat.shape[0] <= GATHER_MAX_TOKENS else "grouped"
+        tokens = flat.shape[0]
         routed = None
         groups = [needed[start : start + self.num_slots] for start in range(0, len(needed), self.num_slots)]
         for n, group in enumerate(groups):
@@ -373,6 +378,12 @@ class OffloadEngine:
             lut = np.full(self.cfg.num_experts, -1, np.int32)
             lut[group] = [slot_of[(layer, int(e))] for e in group]
             slot_ids = lut[ids_host]
+            if tokens <= GATHER_MAX_TOKENS:
+                kernel = "gather"
+            else:  # one static group count per chunk length; only the rows bucket varies
+                slot_ids[~valid_rows] = -1  # padding rows: no work
+                max_groups = min(self.cfg.num_experts, self.num_slots, tokens * self.cfg.num_experts_per_tok)
+                kernel = ("bucketed", *plan_buckets(slot_ids, max_groups))
             if n == len(groups) - 1:
                 break
             with self._slots_lock:
