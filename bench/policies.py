@@ -187,15 +187,16 @@ def markdown_table(report: dict) -> str:
     if report["emulated_link"]:
         lines += [f"**EMULATED LINK**: {report['emulated_link']}", ""]
     res = report["resident"]
-    lines += [f"Resident (all weights on device): {res['decode_tokens_per_s']:.1f} decode tok/s", "",
-              "| cache | policy | decode tok/s | x on-demand | x oracle | hit rate | stall frac | prefetch prec | H2D MB/tok |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"Resident (all weights on device): {res['decode_tokens_per_s']:.1f} decode tok/s, TTFT {res['ttft_s'] * 1e3:.0f} ms", "",
+              "| cache | policy | decode tok/s | x on-demand | x oracle | hit rate | stall frac | prefetch prec | H2D MB/tok | TTFT ms |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
     for r in report["runs"]:
         lines.append(
             f"| {r['cache_fraction']:.0%} ({r['cache_slots']}) | {r['policy']} | {r['decode_tokens_per_s']:.1f} | "
             f"{fmt(r['vs_on_demand'], '.2f')} | {fmt(r['vs_oracle'], '.2f')} | {r['hit_rate']:.3f} | "
-            f"{r['stall_fraction']:.3f} | {fmt(r['prefetch_precision'], '.3f')} | {r['h2d_gb_per_token'] * 1e3:.3f} |")
+            f"{r['stall_fraction']:.3f} | {fmt(r['prefetch_precision'], '.3f')} | {r['h2d_gb_per_token'] * 1e3:.3f} | "
+            f"{r['ttft_s'] * 1e3:.0f} |")
     return "\n".join(lines) + "\n"
 
 
