@@ -371,6 +371,8 @@ class OffloadEngine:
             ids_host = np.asarray(self.routing_override(layer, np.atleast_1d(self._position), ids_host), np.int32)
         needed = np.unique(ids_host[valid_rows])
         tokens = flat.shape[0]
+        # prefill: one static group count per chunk length, so only the rows bucket varies between compiles
+        max_groups = min(self.cfg.num_experts, self.num_slots, tokens * self.cfg.num_experts_per_tok)
         routed = None
         groups = [needed[start : start + self.num_slots] for start in range(0, len(needed), self.num_slots)]
         for n, group in enumerate(groups):
@@ -380,9 +382,8 @@ class OffloadEngine:
             slot_ids = lut[ids_host]
             if tokens <= GATHER_MAX_TOKENS:
                 kernel = "gather"
-            else:  # one static group count per chunk length; only the rows bucket varies
+            else:
                 slot_ids[~valid_rows] = -1  # padding rows: no work
-                max_groups = min(self.cfg.num_experts, self.num_slots, tokens * self.cfg.num_experts_per_tok)
                 kernel = ("bucketed", *plan_buckets(slot_ids, max_groups))
             if n == len(groups) - 1:
                 break
