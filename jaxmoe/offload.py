@@ -243,6 +243,7 @@ class OffloadEngine:
         self.num_slots, self.link = num_slots, link
         self.moe_layer_ids = cfg.moe_layer_ids
         self.pos_of_layer = {layer: p for p, layer in enumerate(self.moe_layer_ids)}
+        self._moe_layer_index = np.asarray(self.moe_layer_ids)
         if policy in PREDICTOR_POLICIES and predictor is None:
             predictor = self.build_predictor("gate-lookahead")
         self.predictor = predictor if policy in PREDICTOR_POLICIES else None
@@ -254,10 +255,14 @@ class OffloadEngine:
         # Benchmarks only (bench.sizes): (layer, positions int[N], ids_host int32[N, k]) -> int32[N, k]
         # replaces the routing decision on the host, e.g. with a recorded trace; None: the model's own.
         self.routing_override = None
+        # Benchmarks only (bench.replay): called after each MoE layer with (pos, decoding, ids int32[N, k] of
+        # the valid rows, predictor scores float32[H, E] or None) to record a run for replay.
+        self.layer_observer = None
 
     def _new_cache(self, planner, eviction) -> None:
         self.planner = planner
-        self.cache = ExpertCache(self.num_slots, eviction, self._copy_expert, self.store.expert_bytes, self.link)
+        self.cache = ExpertCache(self.num_slots, eviction, self._copy_expert, self.store.expert_bytes, self.link,
+                                 key_shape=(self.cfg.num_layers, self.cfg.num_experts))
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -347,10 +352,9 @@ class OffloadEngine:
         if self._last_layer_done is not None and self._decoding:
             compute = t0 - self._last_layer_done
             self._layer_compute_s = compute if self._layer_compute_s is None else 0.9 * self._layer_compute_s + 0.1 * compute
+        self.cache.policy.at_step(self.pos_of_layer[keys[0][0]], len(self._requests))
         slots = self.cache.ensure(keys)
         self._requests.append(set(keys))
-        if isinstance(self.cache.policy, Belady):
-            self.cache.policy.advance(len(self._requests))
         self._last_layer_done = time.perf_counter()
         return slots
 
@@ -397,16 +401,18 @@ class OffloadEngine:
         self.planner.feedback(pos, needed)
         if self.predictor is not None:  # history: this token's experts (in prefill: the last prompt token's)
             self.predictor.observe(pos, needed if self._decoding else ids_host[np.flatnonzero(valid_rows)[-1]])
-        self._plan_prefetch(pos, hidden, router_logits)
+        scores = self._plan_prefetch(pos, hidden, router_logits)
+        if self.layer_observer is not None:
+            self.layer_observer(pos, self._decoding, ids_host[valid_rows], scores)
         eviction = self.cache.policy
-        if isinstance(eviction, ExpectedReuse):
-            eviction.horizon_probability = getattr(self.planner, "use_probability", {})
-            rows = ids_host[valid_rows]
-            tokens = max(len(rows), 1)
-            eviction.observe(pos, np.bincount(rows.reshape(-1), minlength=self.cfg.num_experts) / tokens, tokens)
+        eviction.set_predictions(self.planner.use_probability)
+        rows = ids_host[valid_rows]
+        tokens = max(len(rows), 1)
+        eviction.observe(pos, np.bincount(rows.reshape(-1), minlength=self.cfg.num_experts) / tokens, tokens)
 
-    def _plan_prefetch(self, pos: int, hidden, router_logits) -> None:
-        """Queues the next transfers while the device computes this layer."""
+    def _plan_prefetch(self, pos: int, hidden, router_logits):
+        """Queues the next transfers while the device computes this layer -> the predictor's scores
+        float32[H, E] it planned from, or None."""
         planner = self.planner
         if isinstance(planner, NoPrefetch) or (self._decoding and planner.horizon == 0):
             return
@@ -427,10 +433,11 @@ class OffloadEngine:
             transfer_s = max(transfer_s, self.link.transfer_s(self.store.expert_bytes))
         ctx = PlanContext(step=len(self._requests) - 1, pos=pos, num_positions=num_pos, layer_of_pos=self.moe_layer_ids,
                           top_k=self.cfg.num_experts_per_tok, num_slots=self.num_slots, scores=scores,
-                          resident=self.cache.resident_keys(), transfer_s=transfer_s,
+                          resident=self.cache.resident_mask()[self._moe_layer_index], transfer_s=transfer_s,
                           layer_compute_s=self._layer_compute_s or transfer_s)
         keys, protect = planner.plan(ctx)
         self.cache.prefetch(keys, protect)
+        return scores
 
     # -- the StepRunner protocol ---------------------------------------------------------------------
     def start(self, max_len: int) -> None:

@@ -1,5 +1,8 @@
 """Eviction policies: which of the candidate slots (unpinned, not in flight, not protected by the
-current prefetch plan) to reuse. Each policy sees every access (`touch`).
+current prefetch plan) to reuse. Each policy sees every access (`touch`); the runtime also tells it
+where the run is (`at_step`, before each layer's experts are requested), what each layer routed to
+(`observe`) and the planner's calibrated probabilities (`set_predictions`); policies that do not need
+these ignore them.
 
 - `LRU` — least recently used: the mixtral-offloading baseline ("on-demand"), and the tie-breaker of
   the prefetching policies, whose plan protects the experts predicted within the horizon, so what
@@ -30,6 +33,16 @@ class LRU:
     def touch(self, key: ExpertKey) -> None:
         self.last_use[key] = next(self._clock)
 
+    def at_step(self, pos: int, step: int) -> None:
+        """The `step`-th expert request of the run (0-based, over the whole run), for MoE position `pos`,
+        comes next; victims chosen from now on serve it and what follows."""
+
+    def observe(self, pos: int, usage: np.ndarray, tokens: int = 1) -> None:
+        """usage: float[E] — the fraction of `tokens` tokens that chose each expert at MoE position `pos`."""
+
+    def set_predictions(self, probabilities: dict[int, np.ndarray]) -> None:
+        """{layer: float32[E]}: calibrated P(used) at the next occurrence of each layer within the horizon."""
+
     def victim(self, table: SlotTable, candidates: list[int] | None = None) -> int:
         candidates = table.evictable_slots() if candidates is None else candidates
         if not candidates:
@@ -57,15 +70,17 @@ class ExpectedReuse(LRU):
     """Evicts the candidate whose expected next use is farthest ahead, in MoE positions (Belady's rule
     with expectations in place of the unknown future).
 
-    With L MoE positions per token, the running layer at position c and a key at position q:
-      d = (q - c) mod L (L when q == c): positions until its layer runs next;
+    With P MoE positions per token, the running layer at position c (`at_step`) and a key at position q:
+      d = (q - c) mod P (P when q == c): positions until its layer runs next;
       f = how often the expert is chosen per token at its layer, an average decaying by FREQ_DECAY per
-          token (`observe`), starting at top_k / E; gap = L / f is then the expected distance between uses;
+          token (`observe`), starting at top_k / E; gap = P / f is then the expected distance between uses;
       p = the predictor's calibrated probability that the next occurrence uses it, when its layer is
-          inside the prediction horizon (`horizon_probability`, set after every plan), else f;
+          inside the prediction horizon (`set_predictions`), else f;
       expected next use = d + (1 - p) * gap.
-    Ties by least recent use. On the default model's validation trace at 64 of 256 slots this misses
-    14.7 experts per token where LRU misses 17.9 and Belady 9.3 (frequency carries nearly all of it).
+    Ties by least recent use. The scores of every key are one float[P, E] array, recomputed only when
+    an input changes, so a victim costs a gather over the candidates. On the default model's validation
+    trace at 64 of 256 slots this misses 14.7 experts per token where LRU misses 17.9 and Belady 9.3
+    (frequency carries nearly all of it).
     """
 
     FREQ_DECAY = 0.95
@@ -77,31 +92,47 @@ class ExpectedReuse(LRU):
         self.num_positions = len(layer_positions)
         self.freq = np.full((self.num_positions, num_experts), top_k / num_experts)
         self.current = 0  # MoE position of the running layer
-        self.horizon_probability: dict[int, np.ndarray] = {}  # layer -> float32[E], replaced whole
+        self.predicted: dict[int, np.ndarray] = {}  # MoE position -> float32[E], replaced whole
+        self._score: np.ndarray | None = None  # float[P, E] expected next use; None: stale
+
+    def at_step(self, pos: int, step: int) -> None:
+        if pos != self.current:
+            self.current = pos
+            self._score = None
 
     def observe(self, pos: int, usage: np.ndarray, tokens: int = 1) -> None:
         """usage: float[E] — the fraction of `tokens` tokens (1 in decode, a chunk in prefill) that chose
-        each expert at MoE position `pos`. Also marks `pos` as the running position."""
+        each expert at MoE position `pos`."""
         decay = self.FREQ_DECAY ** tokens
         self.freq[pos] = decay * self.freq[pos] + (1 - decay) * usage
-        self.current = pos
+        self._score = None
+
+    def set_predictions(self, probabilities: dict[int, np.ndarray]) -> None:
+        self.predicted = {self.position[layer]: p for layer, p in probabilities.items()}
+        self._score = None
+
+    def scores(self) -> np.ndarray:
+        """float[P, E]: expected MoE positions until each key's next use (larger = evict first)."""
+        score = self._score
+        if score is None:
+            f = np.maximum(self.freq, self.MIN_FREQ)
+            p = f.copy()
+            for pos, probs in self.predicted.items():
+                p[pos] = probs
+            d = (np.arange(self.num_positions) - self.current) % self.num_positions
+            d[d == 0] = self.num_positions
+            score = d[:, None] + (1.0 - p) * self.num_positions / f
+            self._score = score  # read by the transfer thread too: replaced whole, never edited
+        return score
 
     def victim(self, table: SlotTable, candidates: list[int] | None = None) -> int:
         candidates = table.evictable_slots() if candidates is None else candidates
         if not candidates:
             raise RuntimeError("no evictable slot: every slot is pinned")
         keys = [table.key_in_slot[s] for s in candidates]
-        pos = np.fromiter((self.position[layer] for layer, _ in keys), np.int64, len(keys))
-        expert = np.fromiter((e for _, e in keys), np.int64, len(keys))
-        f = np.maximum(self.freq[pos, expert], self.MIN_FREQ)
-        p = f.copy()
-        for layer, probs in self.horizon_probability.items():
-            rows = pos == self.position[layer]
-            if rows.any():
-                p[rows] = probs[expert[rows]]
-        d = (pos - self.current) % self.num_positions
-        d[d == 0] = self.num_positions
-        score = d + (1.0 - p) * self.num_positions / f
+        pos = [self.position[layer] for layer, _ in keys]
+        expert = [e for _, e in keys]
+        score = self.scores()[pos, expert]
         best = np.flatnonzero(score == score.max())
         if len(best) == 1:
             return candidates[int(best[0])]
@@ -127,6 +158,9 @@ class Belady(LRU):
 
     def advance(self, step: int) -> None:
         self.step = min(step, len(self.next_use) - 1)
+
+    def at_step(self, pos: int, step: int) -> None:
+        self.advance(step)
 
     def victim(self, table: SlotTable, candidates: list[int] | None = None) -> int:
         candidates = table.evictable_slots() if candidates is None else candidates

@@ -24,6 +24,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
+
 from scheduler.link import EmulatedLink
 from scheduler.slot_table import ExpertKey, SlotTable
 
@@ -68,8 +70,8 @@ class CacheStats:
 
 class ExpertCache:
     def __init__(self, num_slots: int, policy, load: Callable[[ExpertKey, int], None], expert_bytes: int,
-                 link: EmulatedLink | None = None):
-        self.table = SlotTable(num_slots)
+                 link: EmulatedLink | None = None, key_shape: tuple[int, int] | None = None):
+        self.table = SlotTable(num_slots, key_shape)
         self.policy = policy
         self.load = load
         self.expert_bytes = expert_bytes
@@ -158,6 +160,11 @@ class ExpertCache:
     def resident_keys(self) -> set[ExpertKey]:
         with self._cond:
             return set(self.table.slot_of)
+
+    def resident_mask(self) -> np.ndarray:
+        """bool[layers, experts]: keys in the cache or in flight (needs `key_shape`)."""
+        with self._cond:
+            return self.table.resident.copy()
 
     def close(self) -> None:
         """Stops the transfer thread (after the copy in progress) and drops pending prefetches.

@@ -34,7 +34,7 @@ class PlanContext:
     top_k: int
     num_slots: int
     scores: np.ndarray | None  # float32[H, E]: predictor scores for positions pos+1 .. pos+H
-    resident: set  # keys currently in (or in flight to) the cache
+    resident: np.ndarray  # bool[num_positions, E]: by MoE position, in (or in flight to) the cache
     transfer_s: float  # seconds to move one expert (measured)
     layer_compute_s: float  # seconds of compute per MoE layer (measured)
 
@@ -42,10 +42,55 @@ class PlanContext:
         """Key of `expert` at MoE position pos + j (j >= 1)."""
         return (self.layer_of_pos[(self.pos + j) % self.num_positions], int(expert))
 
+    def targets(self, horizon: int) -> np.ndarray:
+        """int[horizon]: the MoE positions pos + 1 .. pos + horizon (wrapping)."""
+        return (self.pos + np.arange(1, horizon + 1)) % self.num_positions
+
+    def resident_at_ranks(self, orders: np.ndarray) -> np.ndarray:
+        """orders: int[h, n] experts per horizon 1..h -> bool[h, n]: whether each is resident."""
+        return self.resident[self.targets(len(orders))[:, None], orders]
+
+
+def fit_to_link(horizons: list[int], num_horizons: int, transfer_s: float, compute_s: float, min_benefit: float,
+                limit: int) -> list[int]:
+    """Greedy link admission: candidates in priority order, each due at 0-based horizon `horizons[i]` (layer
+    pos + 1 + horizons[i] starts at (horizons[i] + 1) * T_c) -> the indices admitted, at most `limit`.
+
+    The link serves admitted transfers in earliest-deadline order, the n-th landing at n * T_x; one due at
+    horizon j saves min(T_x, (j + 1) * T_c + T_x - n * T_x) of demand stall, and is worth its link time if that
+    is at least `min_benefit` * T_x, i.e. n <= (j + 1) * T_c / T_x + 1 - min_benefit. So a set is feasible iff
+    for every horizon J the transfers due by J are at most that bound: a count per deadline, no simulation."""
+    t_x, t_c = max(transfer_s, 1e-9), max(compute_s, 1e-9)
+    cap = [math.floor((j + 1) * t_c / t_x + 1 - min_benefit) for j in range(num_horizons)]
+    due = [0] * num_horizons
+    admitted = []
+    for i, j in enumerate(horizons):
+        if len(admitted) >= limit:
+            break
+        if all(due[J] < cap[J] for J in range(j, num_horizons)):
+            for J in range(j, num_horizons):
+                due[J] += 1
+            admitted.append(i)
+    return admitted
+
+
+def link_reach(probs_absent: np.ndarray, absent: np.ndarray, transfer_s: float, compute_s: float) -> int:
+    """How many layers ahead the link has time for: probs_absent, absent: float32/bool[H, E] by rank ->
+    the largest h such that for every j < h the transfers layers 1..j are expected to need (absent experts
+    times their calibrated P(used)) take less than those j layers' compute. A prefetch for a farther layer
+    would still be in flight when a nearer layer's misses need the link."""
+    ratio = max(transfer_s, 1e-9) / max(compute_s, 1e-9)
+    needs = np.cumsum((probs_absent * absent).sum(axis=1)) * ratio
+    h = 1
+    while h < len(needs) and needs[h - 1] < h:
+        h += 1
+    return h
+
 
 class NoPrefetch:
     name = "none"
     horizon = 0
+    use_probability: dict = {}
 
     def plan(self, ctx: PlanContext):
         return [], set()
@@ -69,57 +114,65 @@ class _Feedback:
     """
 
     def __init__(self):
-        self.predicted: dict[int, set] = {}
         self.recall = 0.8  # prior until measured
         self.used = self.seen = None  # float64[H, E]: rank counts, allocated on the first plan
         self.used_absent = self.seen_absent = None  # the same over experts not resident when ranked
-        self.ranked_at: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        # the rankings awaiting feedback, by target position and horizon (allocated on the first plan):
+        self.ranked = None  # int[P, H, E] experts best first
+        self.ranked_absent = None  # bool[P, H, E] whether each was absent from the cache when ranked
+        self.pending = None  # bool[P, H] a ranking is waiting for its target to run
         self.use_probability: dict[int, np.ndarray] = {}
+
+    def _allocate(self, num_positions: int, num_experts: int) -> None:
+        self.used, self.seen = np.zeros((MAX_HORIZON, num_experts)), np.zeros((MAX_HORIZON, num_experts))
+        self.used_absent, self.seen_absent = np.zeros_like(self.used), np.zeros_like(self.seen)
+        self.ranked = np.zeros((num_positions, MAX_HORIZON, num_experts), np.int64)
+        self.ranked_absent = np.zeros((num_positions, MAX_HORIZON, num_experts), bool)
+        self.pending = np.zeros((num_positions, MAX_HORIZON), bool)
+        self._rows = np.arange(MAX_HORIZON)[:, None]
 
     def remember(self, ctx: PlanContext) -> tuple[np.ndarray, np.ndarray]:
         """Records this plan's full ranking per horizon -> (orders int[H, E] best first,
         `rank_probabilities(top_k)` float32[H, E])."""
         horizon, num_experts = ctx.scores.shape
-        if self.used is None or self.used.shape[1] != num_experts:
-            self.used, self.seen = np.zeros((MAX_HORIZON, num_experts)), np.zeros((MAX_HORIZON, num_experts))
-            self.used_absent, self.seen_absent = np.zeros_like(self.used), np.zeros_like(self.seen)
+        if self.ranked is None or self.ranked.shape[0] != ctx.num_positions or self.used.shape[1] != num_experts:
+            self._allocate(ctx.num_positions, num_experts)
+        self.top_k = ctx.top_k
         orders = np.argsort(-ctx.scores, axis=1, kind="stable")
-        probs = self.rank_probabilities(ctx.top_k)
-        use = {}
-        for j in range(1, horizon + 1):
-            target = (ctx.pos + j) % ctx.num_positions
-            layer = ctx.layer_of_pos[target]
-            absent = np.array([(layer, e) not in ctx.resident for e in orders[j - 1].tolist()])
-            self.ranked_at.setdefault(target, []).append((j, orders[j - 1], absent))
-            if j == 1:
-                self.predicted[target] = set(orders[0, : ctx.top_k].tolist())
-            if j < ctx.num_positions:  # a layer further than one token ahead is not its next occurrence
-                p = np.empty(num_experts, np.float32)
-                p[orders[j - 1]] = probs[j - 1]
-                use[ctx.layer_of_pos[target]] = p
-        self.use_probability = use  # replaced whole: the transfer thread reads it without a lock
+        probs = self.rank_probabilities(ctx.top_k)[:horizon]
+        targets = ctx.targets(horizon)
+        rows = self._rows[:horizon]
+        js = rows[:, 0]
+        self.ranked[targets, js] = orders
+        self.ranked_absent[targets, js] = ~ctx.resident[targets[:, None], orders]
+        self.pending[targets, js] = True
+        by_expert = np.empty_like(probs)
+        by_expert[rows, orders] = probs
+        # a layer further than one token ahead is not its next occurrence
+        nearest = min(horizon, ctx.num_positions - 1)
+        self.use_probability = {ctx.layer_of_pos[t]: by_expert[j] for j, t in enumerate(targets[:nearest].tolist())}
         return orders, probs
 
     def feedback(self, pos: int, experts) -> None:
-        used = {int(e) for e in experts}
-        if pos in self.predicted and used:
-            hit = len(self.predicted.pop(pos) & used) / len(used)
-            self.recall = 0.9 * self.recall + 0.1 * hit
-        if self.used is None:
+        """The experts MoE position `pos` really routed to: updates the running recall of the horizon-1
+        top-k and the rank counts of every ranking that targeted it."""
+        if self.pending is None:
             return
-        entries = self.ranked_at.pop(pos, [])
-        if not entries:
+        rows = np.flatnonzero(self.pending[pos])
+        if not len(rows):
             return
+        self.pending[pos] = False
         mask = np.zeros(self.used.shape[1], bool)
-        mask[list(used)] = True
-        rows = np.array([j - 1 for j, _, _ in entries])
-        orders = np.stack([order for _, order, _ in entries])  # [n, E]
-        absent = np.stack([a for _, _, a in entries])
+        mask[np.asarray(experts, np.int64)] = True
+        orders = self.ranked[pos, rows]  # [n, E]
         hit = mask[orders]
-        np.add.at(self.used, rows, hit)
-        np.add.at(self.seen, rows, 1)
-        np.add.at(self.used_absent, rows, hit & absent)
-        np.add.at(self.seen_absent, rows, absent)
+        if rows[0] == 0:  # the horizon-1 top-k's share of what was used
+            self.recall = 0.9 * self.recall + 0.1 * hit[0, : self.top_k].sum() / mask.sum()
+        absent = self.ranked_absent[pos, rows]
+        self.used[rows] += hit
+        self.seen[rows] += 1
+        self.used_absent[rows] += hit & absent
+        self.seen_absent[rows] += absent
 
     def rank_probabilities(self, top_k: int, absent: bool = False) -> np.ndarray:
         """float32[H, E]: calibrated P(used) of the expert at each rank, per horizon (absent: of one that
@@ -173,11 +226,18 @@ class PreSched(_Feedback):
        (1 - p) * T_x of link time that misses may need. Candidates with p < MIN_P (0.5: expected
        saving below expected waste) are not fetched.
     5. Greedy selection: candidates (j, r < 2k, not resident, p >= MIN_P) in decreasing p; tentatively
-       add each to the accepted set, simulate the link serving the accepted set in earliest-deadline
-       order, and keep the candidate if every accepted transfer still saves at least MIN_BENEFIT * T_x
-       and the number accepted fits the slots not needed by the running layer. Output in
-       earliest-deadline order.
+       add each to the accepted set, let the link serve the accepted set in earliest-deadline order,
+       and keep the candidate if every accepted transfer still saves at least MIN_BENEFIT * T_x and
+       the number accepted fits the slots not needed by the running layer. The n-th transfer in that
+       order lands at n * T_x, so the test is a count per deadline: at most j * T_c / T_x + 1 -
+       MIN_BENEFIT transfers due by horizon j. Output in earliest-deadline order.
     Resident experts predicted with p >= PROTECT_P within the horizon are protected from eviction.
+    Horizon: at most `horizon` layers (default 1), and never beyond `link_reach`, where the nearer layers'
+    expected transfers fill the link. The default is measured: replaying the default model
+    (`python -m bench replay`, LLaPor or gate-lookahead, 10-50% cache, T_x = 0.25-2 T_c), planning one
+    layer ahead beat 2 and 4 layers in every setting (25% cache, T_x = T_c: 0.516 of stall-free speed
+    against 0.472 and 0.455): guesses two or more layers ahead are right too rarely to pay for the link
+    time and the evictions they cost. `PreSched(horizon=4)` plans across layers under the same model.
     """
 
     name = "presched"
@@ -185,58 +245,56 @@ class PreSched(_Feedback):
     MIN_P = 0.5
     PROTECT_P = 0.3
 
-    def __init__(self, horizon: int = MAX_HORIZON):
+    def __init__(self, horizon: int = 1):
         super().__init__()
         self.horizon = horizon
 
     def plan(self, ctx: PlanContext):
         k = ctx.top_k
         orders, probs = self.remember(ctx)
-        probs_absent = self.rank_probabilities(k, absent=True)
-        t_x, t_c = max(ctx.transfer_s, 1e-9), max(ctx.layer_compute_s, 1e-9)
-        candidates, protect = [], set()
-        for j in range(1, ctx.scores.shape[0] + 1):
-            for r, e in enumerate(orders[j - 1, : 2 * k].tolist()):
-                key = ctx.key(j, e)
-                if key in ctx.resident:
-                    if probs[j - 1, r] >= self.PROTECT_P:
-                        protect.add(key)
-                    continue
-                p = float(probs_absent[j - 1, r])
-                if p >= self.MIN_P:
-                    candidates.append((p, j, key))
-        candidates.sort(key=lambda c: (-c[0], c[1]))
+        absent = ~ctx.resident_at_ranks(orders)
+        p_absent_all = self.rank_probabilities(k, absent=True)[: len(orders)]
+        horizon = link_reach(p_absent_all, absent, ctx.transfer_s, ctx.layer_compute_s)
+        top = orders[:horizon, : 2 * k]  # [H, 2k]
+        resident = ~absent[:horizon, : 2 * k]
+        probs = probs[:horizon]
+        p_absent = p_absent_all[:horizon, : top.shape[1]]
+        rows, ranks = np.nonzero(resident & (probs[:, : top.shape[1]] >= self.PROTECT_P))
+        protect = {ctx.key(j + 1, top[j, r]) for j, r in zip(rows.tolist(), ranks.tolist())}
+        cand_j, cand_r = np.nonzero(~resident & (p_absent >= self.MIN_P))
+        cand_p = p_absent[cand_j, cand_r]
+        order = np.lexsort((cand_j, -cand_p)).tolist()  # decreasing p, nearer first on ties
         capacity = max(0, ctx.num_slots - k - len(protect))
-        accepted: list[tuple[float, int, ExpertKey]] = []
-        for cand in candidates:
-            if len(accepted) >= capacity:
-                break
-            trial = sorted(accepted + [cand], key=lambda c: (c[1], -c[0]))
-            finish, ok = 0.0, True
-            for p, j, _ in trial:
-                finish += t_x
-                if min(t_x, j * t_c + t_x - finish) < self.MIN_BENEFIT * t_x:
-                    ok = False
-                    break
-            if ok:
-                accepted = trial
-        keys = [key for _, _, key in accepted]
+        admitted = fit_to_link([int(cand_j[i]) for i in order], horizon, ctx.transfer_s, ctx.layer_compute_s,
+                               self.MIN_BENEFIT, capacity)
+        accepted = sorted((int(cand_j[order[a]]), -float(cand_p[order[a]]), int(top[cand_j[order[a]], cand_r[order[a]]]))
+                          for a in admitted)  # earliest deadline first
+        keys = [ctx.key(j + 1, e) for j, _, e in accepted]
         return keys, protect | set(keys)
 
 
 class Adaptive(_Feedback):
-    """ExpertFlow's adaptive horizon: each step, H = clip(ceil(k * T_x / T_c), 1, 4) layers ahead — far
-    enough for the link to move a layer's k experts before they are needed. The width follows the
-    predictor's measured accuracy: when the link has spare capacity (T_x * k < T_c) the top-k is
-    widened up to 2k as the running recall falls below TARGET_RECALL; when the link is the
-    bottleneck only predictions whose calibrated hit probability is at least LINK_BOUND_MIN_P are
-    fetched (a wrong guess would delay the misses behind it). Capped by what the link can move within
-    the horizon (H * T_c / T_x transfers) and by free capacity. Cache-aware: resident predicted
-    experts are protected, not re-fetched."""
+    """ExpertFlow's adaptive horizon and width, chosen each step from measurements.
+
+    - Reach: R = clip(ceil(k * T_x / T_c), 1, 4) layers — how far ahead a layer's k experts must start
+      moving to land in time over the measured link.
+    - Horizon from accuracy and link feedback: H grows from 1 towards R only while the calibrated
+      precision of the next horizon's best guess among absent experts stays at least LINK_BOUND_MIN_P (a
+      guess that is wrong more often than right costs the link more than it saves) and the link has time
+      left within the first H layers after the transfers they are expected to need (absent experts times
+      their calibrated P(used)): a far prefetch in flight delays the nearer layers' misses. Replaying the
+      default model (`python -m bench replay`) one layer ahead beat two and four at every link speed
+      and cache size tried, so this keeps H at 1 unless the link is idle.
+    - Width from the running recall: the top-k widened up to 2k as the recall falls below TARGET_RECALL;
+      when the link is the bottleneck (k * T_x >= T_c) only predictions with calibrated probability at
+      least LINK_BOUND_MIN_P are fetched.
+    - Link admission as in PreSched (`fit_to_link`), nearest layer and best rank first, within the free
+      capacity. Cache-aware: resident predicted experts are protected, not re-fetched."""
 
     name = "adaptive"
     TARGET_RECALL = 0.9
     LINK_BOUND_MIN_P = 0.5
+    MIN_BENEFIT = 0.1
 
     def __init__(self):
         super().__init__()
@@ -249,22 +307,23 @@ class Adaptive(_Feedback):
         orders, _ = self.remember(ctx)
         probs = self.rank_probabilities(k, absent=True)
         ratio = max(ctx.transfer_s, 1e-9) / max(ctx.layer_compute_s, 1e-9)
-        h = int(min(ctx.scores.shape[0], max(1, math.ceil(k * ratio))))
+        reach = int(min(len(orders), max(1, math.ceil(k * ratio))))
+        reach = min(reach, link_reach(probs[: len(orders)], ~ctx.resident_at_ranks(orders), ctx.transfer_s,
+                                      ctx.layer_compute_s))
+        h = 1
+        while h < reach and probs[h, 0] >= self.LINK_BOUND_MIN_P:
+            h += 1
         width = min(2 * k, k + math.ceil(max(0.0, self.TARGET_RECALL - self.recall) * 2 * k))
-        budget = max(k, int(h / ratio)) if ratio > 0 else h * width
         self.current_horizon, self.current_width = h, width
-        link_bound = k * ratio >= 1.0
-        keys, protect = [], set()
-        for j in range(1, h + 1):
-            for r, e in enumerate(orders[j - 1, :width].tolist()):
-                key = ctx.key(j, e)
-                protect.add(key)
-                if key in ctx.resident:
-                    continue
-                if link_bound and probs[j - 1, r] < self.LINK_BOUND_MIN_P:
-                    continue
-                keys.append(key)
-        keys = keys[: min(budget, max(0, ctx.num_slots - k))]
+        top = orders[:h, :width]
+        fetch = ~ctx.resident_at_ranks(top)
+        if k * ratio >= 1.0:  # link-bound
+            fetch &= probs[:h, :width] >= self.LINK_BOUND_MIN_P
+        protect = {ctx.key(j + 1, e) for j, row in enumerate(top.tolist()) for e in row}
+        rows, ranks = np.nonzero(fetch)  # nearest layer first, best rank first
+        admitted = fit_to_link(rows.tolist(), h, ctx.transfer_s, ctx.layer_compute_s, self.MIN_BENEFIT,
+                               max(0, ctx.num_slots - k))
+        keys = [ctx.key(rows[a] + 1, top[rows[a], ranks[a]]) for a in admitted]
         return keys, protect
 
 
@@ -272,6 +331,7 @@ class OraclePlanner:
     """Perfect prefetch: the experts each of the next `horizon` steps will really request."""
 
     name = "oracle"
+    use_probability: dict = {}
 
     def __init__(self, future: list[set[ExpertKey]], horizon: int = MAX_HORIZON):
         self.future, self.horizon = future, horizon

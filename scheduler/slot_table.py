@@ -6,17 +6,23 @@ layer needs it, so it must not be evicted). Pure bookkeeping: no JAX, no timing.
 
 from __future__ import annotations
 
+import numpy as np
+
 ExpertKey = tuple[int, int]
 
 
 class SlotTable:
-    def __init__(self, num_slots: int):
+    """key_shape: (layers, experts) bounds of the keys, or None; when given, `resident` is kept as a
+    bool[layers, experts] mask of the keys that hold a slot (what a planner reads without building sets)."""
+
+    def __init__(self, num_slots: int, key_shape: tuple[int, int] | None = None):
         if num_slots < 1:
             raise ValueError("num_slots must be >= 1")
         self.num_slots = num_slots
         self.key_in_slot: list[ExpertKey | None] = [None] * num_slots
         self.slot_of: dict[ExpertKey, int] = {}
         self.pinned: set[int] = set()
+        self.resident = None if key_shape is None else np.zeros(key_shape, bool)
 
     def lookup(self, key: ExpertKey) -> int | None:
         return self.slot_of.get(key)
@@ -37,8 +43,10 @@ class SlotTable:
         evicted = self.key_in_slot[slot]
         if evicted is not None:
             del self.slot_of[evicted]
+            self._mark(evicted, False)
         self.key_in_slot[slot] = key
         self.slot_of[key] = slot
+        self._mark(key, True)
         return evicted
 
     def release(self, slot: int) -> None:
@@ -46,8 +54,13 @@ class SlotTable:
         key = self.key_in_slot[slot]
         if key is not None:
             del self.slot_of[key]
+            self._mark(key, False)
         self.key_in_slot[slot] = None
         self.pinned.discard(slot)
+
+    def _mark(self, key: ExpertKey, present: bool) -> None:
+        if self.resident is not None:
+            self.resident[key] = present
 
     def pin(self, slot: int) -> None:
         self.pinned.add(slot)
@@ -60,3 +73,5 @@ class SlotTable:
         assert len(self.slot_of) == sum(k is not None for k in self.key_in_slot)
         for key, slot in self.slot_of.items():
             assert self.key_in_slot[slot] == key
+        if self.resident is not None:
+            assert int(self.resident.sum()) == len(self.slot_of) and all(self.resident[k] for k in self.slot_of)

@@ -137,7 +137,7 @@ def test_expected_reuse_prefers_frequent_and_predicted_experts():
     assert t.key_in_slot[policy.victim(t, [0, 1])] == (10, 1)
     assert t.key_in_slot[policy.victim(t, [2, 3])] == (11, 0)
     # the predictor is sure layer 11's next token picks expert 0 and never 1: that flips the choice
-    policy.horizon_probability = {11: np.array([1.0, 0.0, 0, 0], np.float32)}
+    policy.set_predictions({11: np.array([1.0, 0.0, 0, 0], np.float32)})
     assert t.key_in_slot[policy.victim(t, [2, 3])] == (11, 1)
     # a prefill chunk of 32 tokens weighs as 32 observations
     policy.observe(0, np.array([0, 0.75, 0.25, 0]), tokens=32)
