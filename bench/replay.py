@@ -2,6 +2,7 @@
 
     python -m bench replay [--model DIR] [--predictor SPEC] [--cache 0.1,0.25,0.5] [--policies ...]
                            [--link-ratio 1.0] [--prompts N] [--prompt-tokens N] [--max-new-tokens N] [--out DIR]
+                           [--name replay]
 
 The run is recorded once (every MoE layer's routing and the predictor's scores, which depend on the
 model's computation, not on the cache), then each (policy, cache size) replays it against a simulated
@@ -280,7 +281,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--out", type=Path, default=None, help="directory for replay.json and replay.md (default: print only)")
+    p.add_argument("--out", type=Path, default=None, help="directory for NAME.json and NAME.md (default: print only)")
+    p.add_argument("--name", default="replay")
     args = p.parse_args(argv)
     return run_cli(run, args)
 
@@ -325,8 +327,8 @@ def run(args) -> int:
     print(table)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "replay.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "replay.md").write_text(table)
+        (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / f"{args.name}.md").write_text(table)
     return 0
 
 
