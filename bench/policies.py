@@ -114,7 +114,8 @@ def main(argv=None) -> int:
     return run_cli(run, args)
 
 
-def run(args) -> int:
+def resolve_model_and_policies(args) -> list[str]:
+    """Fills in the default model for a missing --model; --policies -> the list (unknown names raise)."""
     if args.model is None:
         from jaxmoe.default_model import default_model_dir
 
@@ -123,6 +124,23 @@ def run(args) -> int:
     unknown = [x for x in policies if x not in POLICIES]
     if unknown:
         raise JaxmoeError(f"--policies: unknown {unknown}; available: {', '.join(POLICIES)}")
+    return policies
+
+
+def add_ratios(rows: list[dict], metric: str) -> None:
+    """Sets vs_on_demand and vs_oracle on each row: its `metric` over that of the same cache size's
+    on-demand / oracle row (None where that policy was not run)."""
+    for fraction in dict.fromkeys(r["cache_fraction"] for r in rows):
+        same = [r for r in rows if r["cache_fraction"] == fraction]
+        base = next((r for r in same if r["policy"] == "on-demand"), None)
+        oracle = next((r for r in same if r["policy"] == "oracle"), None)
+        for r in same:
+            r["vs_on_demand"] = r[metric] / base[metric] if base else None
+            r["vs_oracle"] = r[metric] / oracle[metric] if oracle else None
+
+
+def run(args) -> int:
+    policies = resolve_model_and_policies(args)
     fractions = [float(x) for x in args.cache.split(",")]
     resident = jaxmoe.load(args.model)
     assert isinstance(resident, ResidentEngine)
@@ -154,13 +172,7 @@ def run(args) -> int:
         r = run_engine(engine, prompts, args.max_new_tokens, args.repeats)
         r.update(cache_fraction=fraction, cache_slots=slots, policy=policy)
         rows.append(r)
-    for fraction in fractions:
-        base = next((r for r in rows if r["cache_fraction"] == fraction and r["policy"] == "on-demand"), None)
-        oracle = next((r for r in rows if r["cache_fraction"] == fraction and r["policy"] == "oracle"), None)
-        for r in rows:
-            if r["cache_fraction"] == fraction:
-                r["vs_on_demand"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else None
-                r["vs_oracle"] = r["decode_tokens_per_s"] / oracle["decode_tokens_per_s"] if oracle else None
+    add_ratios(rows, "decode_tokens_per_s")
     report = {
         "model": str(args.model),
         "family": cfg.family,

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import jaxmoe
 from jaxmoe.errors import JaxmoeError, run_cli
-from jaxmoe.offload import POLICIES, make_eviction, make_planner
+from jaxmoe.offload import make_eviction, make_planner
 from scheduler.eviction import Belady
 from scheduler.planners import NoPrefetch, OraclePlanner, PlanContext
 from scheduler.slot_table import SlotTable
@@ -205,7 +205,6 @@ def replay(recordings: list[Recording], policy: str, num_slots: int, compute_s: 
     `planner` / `eviction` replace the policy's own (for experiments)."""
     rec0 = recordings[0]
     num_pos = len(rec0.layer_of_pos)
-    positions = {layer: p for p, layer in enumerate(rec0.layer_of_pos)}
 
     cfg = SimpleNamespace(moe_layer_ids=rec0.layer_of_pos, num_experts=rec0.num_experts, num_experts_per_tok=rec0.top_k)
     if policy == "oracle":
@@ -288,16 +287,9 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from bench.policies import make_prompts
+    from bench.policies import add_ratios, make_prompts, resolve_model_and_policies
 
-    if args.model is None:
-        from jaxmoe.default_model import default_model_dir
-
-        args.model = default_model_dir()
-    policies = [x for x in args.policies.split(",") if x]
-    unknown = [x for x in policies if x not in POLICIES]
-    if unknown:
-        raise JaxmoeError(f"--policies: unknown {unknown}; available: {', '.join(POLICIES)}")
+    policies = resolve_model_and_policies(args)
     if args.link_ratio <= 0:
         raise JaxmoeError(f"--link-ratio {args.link_ratio}: must be > 0")
     fractions = [float(x) for x in args.cache.split(",")]
@@ -314,12 +306,7 @@ def run(args) -> int:
             r = replay(recordings, policy, slots, 1.0, args.link_ratio)
             r["cache_fraction"] = fraction
             rows.append(r)
-        base = next((r for r in rows if r["cache_fraction"] == fraction and r["policy"] == "on-demand"), None)
-        oracle = next((r for r in rows if r["cache_fraction"] == fraction and r["policy"] == "oracle"), None)
-        for r in rows:
-            if r["cache_fraction"] == fraction:
-                r["vs_on_demand"] = r["speed_vs_stall_free"] / base["speed_vs_stall_free"] if base else None
-                r["vs_oracle"] = r["speed_vs_stall_free"] / oracle["speed_vs_stall_free"] if oracle else None
+    add_ratios(rows, "speed_vs_stall_free")
     report = {"model": str(args.model), "predictor": args.predictor or "gate-lookahead", "link_ratio": args.link_ratio,
               "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "runs": rows,
               "when": time.strftime("%Y-%m-%d %H:%M:%S")}
