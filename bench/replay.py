@@ -34,7 +34,7 @@ import jaxmoe
 from jaxmoe.errors import JaxmoeError, run_cli
 from jaxmoe.offload import make_eviction, make_planner
 from scheduler.eviction import Belady
-from scheduler.planners import NoPrefetch, OraclePlanner, PlanContext
+from scheduler.planners import MAX_HORIZON, NoPrefetch, OraclePlanner, PlanContext
 from scheduler.slot_table import SlotTable
 
 DEFAULT_POLICIES = ("on-demand", "lfu", "prefetch", "presched", "adaptive", "oracle")
@@ -61,8 +61,11 @@ class Recording:
 
 
 def record(model_dir, predictor: str | None, prompts: list[list[int]], max_new_tokens: int) -> list[Recording]:
-    """Runs each prompt once with every expert cached and the predictor attached -> one Recording each."""
+    """Runs each prompt once with every expert cached and the predictor attached -> one Recording each.
+    The predictor is asked for MAX_HORIZON layers (the engine asks for its planner's horizon), so every
+    planner replays with the scores it would get live (prefetch: 2 layers, adaptive: up to 4)."""
     engine = jaxmoe.load(model_dir, policy="presched", predictor=predictor, cache_slots=10**9)
+    engine.planner.horizon = MAX_HORIZON  # every expert is cached: the plan itself changes nothing
     cfg = engine.cfg
     out = []
     for prompt in tqdm(prompts, desc="recording", unit="prompt"):
