@@ -29,16 +29,27 @@ class ExpertWeight(nnx.Param):
     """A routed-expert weight stacked over experts (leading axis). Offloading keeps these on the host."""
 
 
-def experts_gather(x, slot_ids, weights, w_gate, w_up, w_down):
-    """x: [N, d]; slot_ids: int32[N, k]; weights: [N, k]; w_*: [S, ...] -> [N, d]."""
+def combine_pairs(y, weights, out_dtype=None):
+    """y: [N, k, d] each token's k expert outputs (unweighted); weights: [N, k] -> [N, d] in `out_dtype`
+    (default y's dtype; float32 for partial sums that are added up before rounding).
+
+    Every kernel ends here, so a token's k contributions are always summed in routing order, in
+    float32, and rounded once: the result cannot depend on which slot holds which expert (the slot
+    assignment is timing-dependent in the offloaded runtime) or on how a kernel groups the pairs."""
+    out = jnp.einsum("nkd,nk->nd", y, weights.astype(y.dtype), preferred_element_type=jnp.float32)
+    return out.astype(out_dtype or y.dtype)
+
+
+def experts_gather(x, slot_ids, weights, w_gate, w_up, w_down, out_dtype=None):
+    """x: [N, d]; slot_ids: int32[N, k]; weights: [N, k]; w_*: [S, ...] -> [N, d] (`combine_pairs`)."""
     wg, wu, wd = w_gate[slot_ids], w_up[slot_ids], w_down[slot_ids]  # [N, k, d, f], [N, k, f, d]
     h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", x, wg.astype(x.dtype)))
     h = h * jnp.einsum("nd,nkdf->nkf", x, wu.astype(x.dtype))
     y = jnp.einsum("nkf,nkfd->nkd", h, wd.astype(x.dtype))  # [N, k, d]
-    return jnp.einsum("nkd,nk->nd", y, weights.astype(x.dtype))
+    return combine_pairs(y, weights, out_dtype)
 
 
-def experts_grouped(x, slot_ids, weights, w_gate, w_up, w_down):
+def experts_grouped(x, slot_ids, weights, w_gate, w_up, w_down, out_dtype=None):
     """Same contract as `experts_gather`; groups token-expert pairs by slot and uses ragged_dot."""
     n, k = slot_ids.shape
     num_slots = w_gate.shape[0]
@@ -49,9 +60,9 @@ def experts_grouped(x, slot_ids, weights, w_gate, w_up, w_down):
     group_sizes = jnp.bincount(flat_slots, length=num_slots).astype(jnp.int32)
     h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate.astype(x.dtype), group_sizes))
     h = h * jax.lax.ragged_dot(xs, w_up.astype(x.dtype), group_sizes)
-    y = jax.lax.ragged_dot(h, w_down.astype(x.dtype), group_sizes)  # [N*k, d]
-    y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
-    return jnp.zeros_like(x).at[token_of].add(y)
+    y = jax.lax.ragged_dot(h, w_down.astype(x.dtype), group_sizes)  # [N*k, d], sorted by slot
+    pairs = jnp.zeros_like(y).at[order].set(y)  # back in (token, rank) order: `order` is a permutation
+    return combine_pairs(pairs.reshape(n, k, -1), weights, out_dtype)
 
 
 def plan_buckets(slot_ids, num_groups: int | None = None) -> tuple[int, int]:
@@ -70,7 +81,8 @@ def plan_buckets(slot_ids, num_groups: int | None = None) -> tuple[int, int]:
     return num_groups, max(MIN_BUCKET_ROWS, pow2(counts.max()))
 
 
-def experts_bucketed(x, slot_ids, weights, w_gate, w_up, w_down, num_groups: int, rows_per_group: int):
+def experts_bucketed(x, slot_ids, weights, w_gate, w_up, w_down, num_groups: int, rows_per_group: int,
+                     out_dtype=None):
     """Same contract as `experts_gather` (slot_ids -1: pair skipped), at a cost independent of the number of
     slots S: token-expert pairs are sorted by slot into a table of `num_groups` groups x `rows_per_group`
     rows, and a scan runs one FFN per used slot over its rows ([R, d] @ [d, f]; unused groups skipped).
@@ -96,24 +108,22 @@ def experts_bucketed(x, slot_ids, weights, w_gate, w_up, w_down, num_groups: int
     table = table.at[jnp.where(keep, group, num_groups), row].set(order.astype(jnp.int32), mode="drop")
     group_slot = jnp.full((num_groups,), -1, jnp.int32)
     group_slot = group_slot.at[jnp.where(keep & is_start, group, num_groups)].set(sorted_key.astype(jnp.int32), mode="drop")
-    pair_weight = jnp.where(flat >= 0, weights.reshape(-1), 0).astype(x.dtype)
 
-    def one_group(out, slot_and_rows):
+    def one_group(pair_out, slot_and_rows):
         slot, rows = slot_and_rows
 
-        def run(out):
+        def run(pair_out):
             present = rows >= 0
-            pair = jnp.where(present, rows, 0)
-            token = pair // k
+            token = jnp.where(present, rows, 0) // k
             w = [jax.lax.dynamic_index_in_dim(m, slot, 0, keepdims=False) for m in (w_gate, w_up, w_down)]
             y = swiglu(x[token], *w)  # [R, d]
-            y = y * jnp.where(present, pair_weight[pair], 0)[:, None]
-            return out.at[token].add(y)
+            return pair_out.at[jnp.where(present, rows, pairs)].set(y, mode="drop")  # each pair written once
 
-        return jax.lax.cond(slot >= 0, run, lambda out: out, out), None
+        return jax.lax.cond(slot >= 0, run, lambda pair_out: pair_out, pair_out), None
 
-    out, _ = jax.lax.scan(one_group, jnp.zeros_like(x), (group_slot, table))
-    return out
+    pair_out, _ = jax.lax.scan(one_group, jnp.zeros((pairs, x.shape[1]), x.dtype), (group_slot, table))
+    # skipped pairs (and any dropped beyond the table) keep zeros; their weight is zeroed too
+    return combine_pairs(pair_out.reshape(n, k, -1), jnp.where(slot_ids >= 0, weights, 0), out_dtype)
 
 
 def experts_reference(x, slot_ids, weights, w_gate, w_up, w_down):
@@ -153,11 +163,13 @@ EXPERT_KERNELS = {"gather": experts_gather, "grouped": experts_grouped, "referen
                   "capacity": experts_capacity}
 
 
-def routed_experts(x, slot_ids, weights, w_gate, w_up, w_down, kernel: str = "auto"):
-    """Dispatches to a kernel; "auto" picks gather for <= GATHER_MAX_TOKENS tokens, else grouped."""
+def routed_experts(x, slot_ids, weights, w_gate, w_up, w_down, kernel: str = "auto", out_dtype=None):
+    """Dispatches to a kernel; "auto" picks gather for <= GATHER_MAX_TOKENS tokens, else grouped.
+    out_dtype (gather and grouped only): see `combine_pairs`."""
     if kernel == "auto":
         kernel = "gather" if x.shape[0] <= GATHER_MAX_TOKENS else "grouped"
-    return EXPERT_KERNELS[kernel](x, slot_ids, weights, w_gate, w_up, w_down)
+    extra = {} if out_dtype is None else {"out_dtype": out_dtype}
+    return EXPERT_KERNELS[kernel](x, slot_ids, weights, w_gate, w_up, w_down, **extra)
 
 
 class RoutedExperts(nnx.Module):

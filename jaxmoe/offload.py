@@ -45,45 +45,61 @@ DEVICE_MARGIN = 0.10  # fraction of device memory left free when sizing the cach
 # ----------------------------------------------------------------------------------------------
 # jitted pieces (graphdef static: equal for every MoE layer, so each compiles once per shape)
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def moe_front(graphdef, state, h, cache, positions):
+@partial(jax.jit, static_argnames=("graphdef", "scorer"), donate_argnames=("cache",))
+def moe_front(graphdef, state, h, cache, positions, scorer=None, scorer_params=None, scorer_state=None, pos=None,
+              last_row=None):
     """h: [B, T, d] -> (h after attention, cache, ffn input [B*T, d], expert ids int32[B*T, k],
-    weights f32[B*T, k], features f32[k + d + E]: the last token's expert ids, hidden state, router logits)."""
+    weights f32[B*T, k], features, scorer_state).
+
+    features: all a decode step with a predictor copies to the host. Without a fused predictor,
+    f32[k + d + E]: the last token's expert ids, hidden state and router logits (a host predictor's
+    inputs). With one (`scorer`, see predictors.fused; pos: this layer's MoE position, last_row: the
+    row of the last real token in `flat`), f32[k + H*E]: that token's expert ids and the predictor's
+    scores for the next H MoE positions, computed here from the same hidden state and router logits;
+    `scorer_state` (the predictor's memory, e.g. routing history) is returned updated."""
     layer = graphdef.merge(state)
     h, cache, x = layer.attention_block(h, cache, positions)
     flat = x.reshape(-1, x.shape[-1])
     ids, weights, logits = layer.moe.route(flat)
-    # the last token's routing, hidden state and router logits packed in one vector: a decode step
-    # with a predictor copies just this to the host
-    features = jnp.concatenate([ids[-1].astype(jnp.float32), h[0, -1].astype(jnp.float32), logits[-1]])
-    return h, cache, flat, ids, weights, features
+    if scorer is None:
+        # the last token's routing, hidden state and router logits packed in one vector: a decode step
+        # with a host predictor copies just this to the host
+        features = jnp.concatenate([ids[-1].astype(jnp.float32), h[0, -1].astype(jnp.float32), logits[-1]])
+        return h, cache, flat, ids, weights, features, scorer_state
+    hidden = h.reshape(-1, h.shape[-1])[last_row]
+    scores, scorer_state = scorer(scorer_params, scorer_state, pos, hidden, logits[last_row], ids[last_row])
+    features = jnp.concatenate([ids[last_row].astype(jnp.float32), scores.reshape(-1).astype(jnp.float32)])
+    return h, cache, flat, ids, weights, features, scorer_state
 
 
 @partial(jax.jit, static_argnames=("kernel",))
 def routed_over_slots(flat, slot_ids, weights, slots, kernel):
     """flat: [N, d]; slot_ids: int32[N, k], -1 where the expert is not in this group (weight dropped);
-    weights: f32[N, k]; slots: {w_*: [S, ...]} -> [N, d].
+    weights: f32[N, k]; slots: {w_*: [S, ...]} -> float32[N, d], rounded by `moe_back` only after the
+    expert groups of one layer are added up (the sum cannot depend on how many slots there are).
     kernel: "gather" (few tokens), or ("bucketed", num_groups, rows_per_group) from `plan_buckets`."""
     if isinstance(kernel, tuple):
         _, num_groups, rows_per_group = kernel
         return experts_bucketed(flat, slot_ids, weights, slots["w_gate"], slots["w_up"], slots["w_down"],
-                                num_groups, rows_per_group)
+                                num_groups, rows_per_group, out_dtype=jnp.float32)
     in_group = slot_ids >= 0
     weights = jnp.where(in_group, weights, 0.0)
     slot_ids = jnp.where(in_group, slot_ids, 0)  # any valid slot: its contribution is weighted by 0
-    return routed_experts(flat, slot_ids, weights, slots["w_gate"], slots["w_up"], slots["w_down"], kernel)
+    return routed_experts(flat, slot_ids, weights, slots["w_gate"], slots["w_up"], slots["w_down"], kernel,
+                          out_dtype=jnp.float32)
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
 def moe_back(graphdef, state, h, flat, routed):
-    """h + routed + shared expert(flat) -> [B, T, d]."""
+    """h + routed (float32[N, d], `routed_over_slots`) + shared expert(flat) -> [B, T, d]."""
     layer = graphdef.merge(state)
-    return h + (routed + layer.moe.shared_output(flat)).reshape(h.shape)
+    return h + (routed.astype(h.dtype) + layer.moe.shared_output(flat)).reshape(h.shape)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "kernel", "next_graphdef"), donate_argnames=("next_cache",))
+@partial(jax.jit, static_argnames=("graphdef", "kernel", "next_graphdef", "scorer"), donate_argnames=("next_cache",))
 def moe_back_front(graphdef, state, h, flat, slot_ids, weights, slots, routed_partial, kernel,
-                   next_graphdef, next_state, next_cache, positions):
+                   next_graphdef, next_state, next_cache, positions, scorer=None, scorer_params=None,
+                   scorer_state=None, next_pos=None, last_row=None):
     """One dispatch per MoE layer in steady state: this layer's routed experts over the slots (plus
     `routed_partial` [N, d] from earlier expert groups, or None), its shared expert and residual, then
     the next MoE layer's attention and router. Returns what `moe_front` returns for the next layer."""
@@ -91,7 +107,8 @@ def moe_back_front(graphdef, state, h, flat, slot_ids, weights, slots, routed_pa
     if routed_partial is not None:
         routed = routed + routed_partial
     h = moe_back.__wrapped__(graphdef, state, h, flat, routed)
-    return moe_front.__wrapped__(next_graphdef, next_state, h, next_cache, positions)
+    return moe_front.__wrapped__(next_graphdef, next_state, h, next_cache, positions, scorer, scorer_params,
+                                 scorer_state, next_pos, last_row)
 
 
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -255,6 +272,10 @@ class OffloadEngine:
         # Benchmarks only (bench.sizes): (layer, positions int[N], ids_host int32[N, k]) -> int32[N, k]
         # replaces the routing decision on the host, e.g. with a recorded trace; None: the model's own.
         self.routing_override = None
+        # predictors that can run inside the layer's program (`to_fused`) do, unless this is False
+        self.fuse_predictor = True
+        self._fused = self._fused_for = None
+        self._scorer = None
         # Benchmarks only (bench.replay): called after each MoE layer with (pos, decoding, ids int32[N, k] of
         # the valid rows, predictor scores float32[H, E] or None) to record a run for replay.
         self.layer_observer = None
@@ -361,14 +382,12 @@ class OffloadEngine:
     def _route(self, layer: int, flat, ids, weights, features, valid_rows: np.ndarray):
         """Host side of one MoE layer: the routing decision to the host (the only device->host copy),
         experts loaded in groups of at most num_slots. -> (slot_ids int32[N, k] of the last group,
-        routed output [N, d] of the earlier groups or None, kernel, hidden, router_logits, needed)."""
-        want_features = self._decoding and self.predictor is not None
-        hidden = router_logits = None
-        if want_features:  # the routing decision plus the predictor's inputs: one small device->host copy
+        routed output [N, d] of the earlier groups or None, kernel, needed, ids_host, packed features
+        (`moe_front`) or None)."""
+        packed = None
+        if self._decoding and self.predictor is not None:  # the routing plus the predictor's inputs or scores
             packed = np.asarray(features)
-            k, d = self.cfg.num_experts_per_tok, self.cfg.hidden_size
-            ids_host = packed[None, :k].astype(np.int32)
-            hidden, router_logits = packed[k : k + d], packed[k + d :]
+            ids_host = packed[None, : self.cfg.num_experts_per_tok].astype(np.int32)
         else:
             ids_host = np.asarray(ids)  # [N, k]
         if self.routing_override is not None:
@@ -394,14 +413,16 @@ class OffloadEngine:
             with self._slots_lock:
                 part = routed_over_slots(flat, slot_ids, weights, self.slots, kernel)
             routed = part if routed is None else routed + part
-        return slot_ids, routed, kernel, hidden, router_logits, needed, ids_host
+        return slot_ids, routed, kernel, needed, ids_host, packed
 
-    def _after_layer(self, pos: int, needed, ids_host, valid_rows, hidden, router_logits) -> None:
+    def _after_layer(self, pos: int, needed, ids_host, valid_rows, packed) -> None:
         """Bookkeeping and the next transfers, while the device computes what was just dispatched."""
         self.planner.feedback(pos, needed)
-        if self.predictor is not None:  # history: this token's experts (in prefill: the last prompt token's)
+        if self.predictor is not None and self._scorer is None:
+            # history: this token's experts (in prefill: the last prompt token's); a fused predictor
+            # observed them on the device
             self.predictor.observe(pos, needed if self._decoding else ids_host[np.flatnonzero(valid_rows)[-1]])
-        scores = self._plan_prefetch(pos, hidden, router_logits)
+        scores = self._plan_prefetch(pos, packed)
         if self.layer_observer is not None:
             self.layer_observer(pos, self._decoding, ids_host[valid_rows], scores)
         eviction = self.cache.policy
@@ -410,9 +431,9 @@ class OffloadEngine:
         tokens = max(len(rows), 1)
         eviction.observe(pos, np.bincount(rows.reshape(-1), minlength=self.cfg.num_experts) / tokens, tokens)
 
-    def _plan_prefetch(self, pos: int, hidden, router_logits):
+    def _plan_prefetch(self, pos: int, packed):
         """Queues the next transfers while the device computes this layer -> the predictor's scores
-        float32[H, E] it planned from, or None."""
+        float32[H, E] it planned from, or None. packed: `moe_front`'s features on the host (decode)."""
         planner = self.planner
         if isinstance(planner, NoPrefetch) or (self._decoding and planner.horizon == 0):
             return
@@ -426,7 +447,11 @@ class OffloadEngine:
             return
         scores = None
         if self.predictor is not None:
-            scores = self.predictor.predict(pos, hidden, router_logits, planner.horizon)
+            k, d, num_experts = self.cfg.num_experts_per_tok, self.cfg.hidden_size, self.cfg.num_experts
+            if self._scorer is not None:  # computed inside the layer's program
+                scores = packed[k:].reshape(planner.horizon, num_experts)
+            else:
+                scores = self.predictor.predict(pos, packed[k : k + d], packed[k + d :], planner.horizon)
         bandwidth = self.cache.measured_bandwidth
         transfer_s = self.store.expert_bytes / bandwidth if bandwidth else 1e-4
         if self.link is not None:
@@ -444,6 +469,7 @@ class OffloadEngine:
         self._kv = [None] * self.cfg.num_layers
         self._max_len = max_len
         self._decode_base = None
+        self.cache.forget_prefetches()
         self._run_base = self.cache.stats.as_dict()  # prefill stats count from here, not from the engine's creation
         self._decoding = False
         self._requests: list[set] = []
@@ -451,6 +477,23 @@ class OffloadEngine:
         self._layer_compute_s = None
         if self.predictor is not None:
             self.predictor.reset()
+        self._scorer = self._scorer_params = self._scorer_state = None
+        fusable = self.predictor is not None and hasattr(self.predictor, "to_fused") and self.planner.horizon > 0
+        # a routing override (benchmarks) replaces the decision on the host, after the device has already
+        # observed its own: such runs keep the predictor on the host, where it sees the replaced routing
+        if self.fuse_predictor and fusable and self.routing_override is None:
+            key = (self.predictor, self.planner.horizon)
+            if self._fused_for is None or self._fused_for[0] is not key[0] or self._fused_for[1] != key[1]:
+                self._fused, self._fused_for = self.predictor.to_fused(self.planner.horizon), key
+            self._scorer, self._scorer_params = self._fused
+            self._scorer_state = self._scorer.init_state()
+
+    def _scorer_args(self, layer: int, valid_rows: np.ndarray) -> dict:
+        """moe_front's fused-predictor arguments for MoE layer `layer` ({} without one)."""
+        if self._scorer is None:
+            return {}
+        return {"scorer": self._scorer, "scorer_params": self._scorer_params, "scorer_state": self._scorer_state,
+                "last_row": np.int32(np.flatnonzero(valid_rows)[-1]), "pos": np.int32(self.pos_of_layer[layer])}
 
     def _forward(self, tokens, positions, valid_rows: np.ndarray):
         """tokens, positions: int32[1, T] -> h [1, T, d] (pre final norm), updating the KV cache.
@@ -467,18 +510,21 @@ class OffloadEngine:
                 h, self._kv[i] = dense_layer(g, state, h, self._kv[i], positions)
                 continue
             if front is None:
-                h, self._kv[i], *rest = moe_front(g, state, h, self._kv[i], positions)
+                h, self._kv[i], *rest = moe_front(g, state, h, self._kv[i], positions, **self._scorer_args(i, valid_rows))
                 front = (h, *rest)
-            h, flat, ids, weights, features = front
-            slot_ids, partial_routed, kernel, hidden, logits, needed, ids_host = self._route(
+            h, flat, ids, weights, features, self._scorer_state = front
+            slot_ids, partial_routed, kernel, needed, ids_host, packed = self._route(
                 i, flat, ids, weights, features, valid_rows)
             nxt = i + 1
             if nxt < num_layers and parts[nxt][0]:
                 self._init_kv(nxt, h.dtype)
                 _, g2, state2, _ = parts[nxt]
+                scorer_args = self._scorer_args(nxt, valid_rows)
+                if scorer_args:
+                    scorer_args["next_pos"] = scorer_args.pop("pos")
                 with self._slots_lock:
                     out = moe_back_front(g, state, h, flat, slot_ids, weights, self.slots, partial_routed, kernel,
-                                         g2, state2, self._kv[nxt], positions)
+                                         g2, state2, self._kv[nxt], positions, **scorer_args)
                 h, self._kv[nxt], *rest = out
                 front = (h, *rest)
             else:
@@ -488,7 +534,7 @@ class OffloadEngine:
                     routed = routed + partial_routed
                 h = moe_back(g, state, h, flat, routed)
                 front = None
-            self._after_layer(self.pos_of_layer[i], needed, ids_host, valid_rows, hidden, logits)
+            self._after_layer(self.pos_of_layer[i], needed, ids_host, valid_rows, packed)
         return h
 
     def _init_kv(self, i: int, dtype) -> None:
@@ -514,6 +560,7 @@ class OffloadEngine:
             if start <= length - 1 < start + chunk:
                 last = h[:, length - 1 - start]
         logits = self._logits(last)
+        self.cache.forget_prefetches()  # the prefill's (DuoServe) prefetches are not the decode's
         self._decode_base = self.cache.stats.as_dict()
         self._decoding = True
         self._last_layer_done = None

@@ -110,6 +110,13 @@ class GateLookaheadPredictor:
     def observe(self, pos, expert_ids):
         pass
 
+    def to_fused(self, horizon: int):
+        """-> (scorer, params): this predictor inside the layer's jitted program (`predictors.fused`)."""
+        from predictors.fused import fuse_gate_lookahead
+
+        folded = self.norm_scales[:, :, None] * self.router_kernels
+        return fuse_gate_lookahead(folded, self.selection_bias, self.eps, horizon)
+
     @classmethod
     def from_layer_trees(cls, moe_layer_trees: list[dict], eps: float) -> "GateLookaheadPredictor":
         """From the pure-dict state of each MoE layer (keys post_attn_norm.scale, moe.router, moe.router_bias)."""

@@ -290,7 +290,7 @@ class LLaPorPredictor:
     name = "llapor"
 
     def __init__(self, cfg: LLaPorConfig, params: dict):
-        self.cfg = cfg
+        self.cfg, self.params = cfg, params
         self.num_experts, self.num_moe_layers, self.horizon = cfg.num_experts, cfg.num_moe_layers, cfg.horizon
         self.hidden_size = cfg.hidden_size
         p = {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
@@ -318,8 +318,10 @@ class LLaPorPredictor:
         self.kernels = p.get("lookahead_kernels") if cfg.use_lookahead else None  # [L, d, E]
         if self.kernels is not None:
             self.w_g, self.gain = p["in_lookahead.kernel"], p["lookahead_gain"]
-            # layers p+1 .. p+H as one contiguous slice, wrapped ones repeated at the end
-            self.kernels_ext = centre(np.concatenate([self.kernels, self.kernels[: cfg.horizon]]))  # [L + H, d, E], centred over E
+            # layers p+1 .. p+H as one contiguous slice, wrapped ones repeated at the end (as often as a
+            # horizon longer than the model's MoE layers needs)
+            repeated = np.concatenate([self.kernels] * (2 + cfg.horizon // cfg.num_moe_layers))
+            self.kernels_ext = centre(repeated[: cfg.num_moe_layers + cfg.horizon])  # [L + H, d, E], centred over E
             self.c_w_g = centre(self.w_g)
             self.mean_e = np.full(cfg.num_experts, 1.0 / cfg.num_experts, np.float32)
 
@@ -330,6 +332,12 @@ class LLaPorPredictor:
 
     def reset(self) -> None:
         self.history_proj[:] = 0
+
+    def to_fused(self, horizon: int):
+        """-> (scorer, params): the network inside the layer's jitted program (`predictors.fused`)."""
+        from predictors.fused import fuse_llapor
+
+        return fuse_llapor(self.cfg, self.params, horizon)
 
     def observe(self, pos: int, expert_ids: np.ndarray) -> None:
         if self.w_hist is not None:  # k-hot @ W_hist == the sum of the chosen experts' rows

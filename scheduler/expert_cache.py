@@ -92,6 +92,13 @@ class ExpertCache:
     def num_slots(self) -> int:
         return self.table.num_slots
 
+    def forget_prefetches(self) -> None:
+        """Prefetches that landed before now no longer count as prefetch hits or waste: called where a
+        stats window starts (a run, its decode), so a window's prefetch precision counts only the
+        prefetches that landed in it and stays <= 1."""
+        with self._cond:
+            self._prefetched_unused.clear()
+
     # -- main thread ----------------------------------------------------------------------------------
     def ensure(self, keys: Sequence[ExpertKey]) -> dict[ExpertKey, int]:
         """Makes every key (distinct, at most num_slots) resident and pinned -> {key: slot}. Blocks."""
