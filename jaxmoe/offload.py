@@ -272,8 +272,10 @@ class OffloadEngine:
         # Benchmarks only (bench.sizes): (layer, positions int[N], ids_host int32[N, k]) -> int32[N, k]
         # replaces the routing decision on the host, e.g. with a recorded trace; None: the model's own.
         self.routing_override = None
-        # predictors that can run inside the layer's program (`to_fused`) do, unless this is False
-        self.fuse_predictor = True
+        # whether predictors that can run inside the layer's program (`to_fused`) do; None: on accelerators
+        # only. On the CPU backend the "device" is the host's own cores, and there the numpy predictors
+        # cost less than the same work in XLA (measured: `python -m bench predictor-cost`)
+        self.fuse_predictor = None
         self._fused = self._fused_for = None
         self._scorer = None
         # Benchmarks only (bench.replay): called after each MoE layer with (pos, decoding, ids int32[N, k] of
@@ -481,10 +483,13 @@ class OffloadEngine:
         fusable = self.predictor is not None and hasattr(self.predictor, "to_fused") and self.planner.horizon > 0
         # a routing override (benchmarks) replaces the decision on the host, after the device has already
         # observed its own: such runs keep the predictor on the host, where it sees the replaced routing
-        if self.fuse_predictor and fusable and self.routing_override is None:
+        fuse = self.fuse_predictor if self.fuse_predictor is not None else self.device.platform != "cpu"
+        if fuse and fusable and self.routing_override is None:
             key = (self.predictor, self.planner.horizon)
             if self._fused_for is None or self._fused_for[0] is not key[0] or self._fused_for[1] != key[1]:
                 self._fused, self._fused_for = self.predictor.to_fused(self.planner.horizon), key
+                # the traced scalars moe_front takes, placed once (a host scalar costs a transfer per call)
+                self._row_scalars = [jax.device_put(np.int32(i), self.device_sharding) for i in range(len(self.moe_layer_ids))]
             self._scorer, self._scorer_params = self._fused
             self._scorer_state = self._scorer.init_state()
 
@@ -492,8 +497,10 @@ class OffloadEngine:
         """moe_front's fused-predictor arguments for MoE layer `layer` ({} without one)."""
         if self._scorer is None:
             return {}
+        last_row = int(np.flatnonzero(valid_rows)[-1])
         return {"scorer": self._scorer, "scorer_params": self._scorer_params, "scorer_state": self._scorer_state,
-                "last_row": np.int32(np.flatnonzero(valid_rows)[-1]), "pos": np.int32(self.pos_of_layer[layer])}
+                "last_row": self._row_scalars[0] if last_row == 0 else np.int32(last_row),
+                "pos": self._row_scalars[self.pos_of_layer[layer]]}
 
     def _forward(self, tokens, positions, valid_rows: np.ndarray):
         """tokens, positions: int32[1, T] -> h [1, T, d] (pre final norm), updating the KV cache.
@@ -585,6 +592,7 @@ class OffloadEngine:
         stats = {
             "policy": self.policy,
             "predictor": getattr(self.predictor, "name", None),
+            "predictor_fused": self._scorer is not None,
             "cache_slots": self.num_slots,
             "expert_bytes": self.store.expert_bytes,
             "hit_rate": decode["hits"] / requests if requests else 1.0,

@@ -19,3 +19,19 @@ def test_policy_benchmark_smoke(converted_model, tmp_path, capsys):
     table = (tmp_path / "policies.md").read_text()
     assert "EMULATED LINK" in table and "presched" in table
     assert "EMULATED LINK" in capsys.readouterr().out
+
+
+def test_predictor_cost_smoke(converted_model, tmp_path):
+    from bench.__main__ import main as bench_main
+
+    _, model_dir = converted_model("mixtral")
+    rc = bench_main(["predictor-cost", "--model", str(model_dir), "--predictors", "gate-lookahead", "--calls", "3",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / "predictor_cost.json").read_text())
+    assert [(r["predictor"], r["horizon"]) for r in report["rows"]] == [("gate-lookahead", 1), ("gate-lookahead", 4)]
+    for r in report["rows"]:
+        assert r["host_predict_us"] > 0 and r["moe_front_us"] > 0 and r["fused_extra_us"] >= 0
+    assert report["resident_decode_step_us"] > 0
+    assert "gate-lookahead" in (tmp_path / "predictor_cost.md").read_text()
+    assert bench_main(["predictor-cost", "--model", str(model_dir), "--calls", "0", "--out", str(tmp_path)]) == 2

@@ -74,8 +74,9 @@ def observed_run(model_dir, predictor, fuse, policy="presched"):
     engine.fuse_predictor = fuse
     seen = []
     engine.layer_observer = lambda pos, decoding, ids, scores: seen.append((pos, scores)) if decoding else None
-    ids = engine.generate(PROMPT, 10).generated_ids
-    assert (engine._scorer is not None) == fuse
+    result = engine.generate(PROMPT, 10)
+    assert result.stats["predictor_fused"] == fuse
+    ids = result.generated_ids
     return ids, seen
 
 
@@ -101,9 +102,12 @@ def test_engine_fused_and_host_predictors_agree(tmp_path, converted_model, predi
 def test_engine_keeps_host_predictor_under_routing_override(converted_model):
     _, model_dir = converted_model("qwen2_moe")
     engine = jaxmoe.load(model_dir, cache_slots=4, policy="presched")
+    engine.fuse_predictor = True
     engine.routing_override = lambda layer, positions, ids: ids
     engine.generate(PROMPT, 3)
     assert engine._scorer is None
     engine.routing_override = None
     engine.generate(PROMPT, 3)
     assert dataclasses.is_dataclass(engine._scorer)
+    engine.fuse_predictor = None  # auto: on the host on the CPU backend
+    assert not engine.generate(PROMPT, 3).stats["predictor_fused"]
