@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="on-demand",
                    help="expert cache policy: on-demand (LRU), lfu, or resident (every weight on the device)")
     p.add_argument("--predictor", default=None, help="predictor driving prefetch policies")
+    p.add_argument("--fuse-predictor", choices=("auto", "on", "off"), default="auto",
+                   help="run the predictor inside each MoE layer's jitted program (auto: on accelerators, not on CPU)")
     p.add_argument("--emulate-link", default=None, metavar="GBPS[,LATENCY_US]", help="emulate a host-to-device link")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="compute/param dtype override")
     p.add_argument("--output-json", type=Path, default=None, help="write prompt ids, generated ids, text and stats here")
@@ -73,7 +75,9 @@ def run(args) -> int:
 
     offload = {k: v for k, v in dict(cache_slots=args.cache_slots, expert_cache_gb=args.expert_cache_gb,
                                      policy=args.policy, predictor=args.predictor,
-                                     emulate_link=args.emulate_link).items() if v is not None}
+                                     emulate_link=args.emulate_link,
+                                     fuse_predictor={"on": True, "off": False}.get(args.fuse_predictor)).items()
+               if v is not None}
     if offload.get("policy") == "resident":
         if len(offload) > 1:
             raise JaxmoeError("--policy resident takes no cache, predictor or link options")

@@ -290,7 +290,7 @@ class OffloadEngine:
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def load(cls, model_dir, dtype=None, tokenizer=None, cache_slots=None, expert_cache_gb=None,
-             policy="on-demand", predictor=None, emulate_link=None, max_len: int = 4096):
+             policy="on-demand", predictor=None, emulate_link=None, max_len: int = 4096, fuse_predictor=None):
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise JaxmoeError(f"{model_dir}: no such directory")
@@ -299,6 +299,8 @@ class OffloadEngine:
             raise JaxmoeError(f"--policy {policy!r}: unknown; available: resident, {', '.join(POLICIES)}")
         if predictor is not None and policy not in PREDICTOR_POLICIES:
             raise JaxmoeError(f"--predictor only applies to the policies {', '.join(PREDICTOR_POLICIES)}")
+        if fuse_predictor is not None and policy not in PREDICTOR_POLICIES:
+            raise JaxmoeError(f"--fuse-predictor only applies to the policies {', '.join(PREDICTOR_POLICIES)}")
         link = EmulatedLink.parse(emulate_link) if emulate_link is not None else None
         cfg = load_config(model_dir)
         if not cfg.moe_layer_ids:
@@ -333,6 +335,7 @@ class OffloadEngine:
         engine = cls(cfg, store, layer_parts, globals_parts, num_slots, policy, None, link, tokenizer, device)
         if predictor is not None:
             engine.predictor = engine.build_predictor(predictor)
+        engine.fuse_predictor = fuse_predictor
         return engine
 
     def build_predictor(self, spec: str):

@@ -134,3 +134,16 @@ def test_refuses_existing_output_json(model_dir, workdir):
 def test_refuses_missing_prompt_file(model_dir, workdir):
     assert_refused(cli(workdir, "--model", model_dir, "--prompt-file", workdir / "absent.txt"), "--prompt-file",
                    "absent.txt")
+
+
+def test_fused_predictor_flag(offloaded, model_dir, workdir):
+    _, offloaded_json = offloaded
+    out = workdir / "fused.json"
+    proc = cli(workdir, "--model", model_dir, "--prompt", PROMPT, "--max-new-tokens", 8, "--output-json", out,
+               "--cache-slots", 3, "--policy", "presched", "--fuse-predictor", "on")
+    assert proc.returncode == 0, proc.stderr
+    fused = json.loads(out.read_text())
+    assert fused["stats"]["predictor_fused"] is True and fused["stats"]["predictor"] == "gate-lookahead"
+    assert fused["generated_ids"] == json.loads(offloaded_json.read_text())["generated_ids"]
+    assert_refused(cli(workdir, "--model", model_dir, "--prompt", PROMPT, "--fuse-predictor", "on"),
+                   "--fuse-predictor", "presched")
