@@ -132,7 +132,10 @@ def run(args) -> int:
     prompt = make_prompts(engine, 1, 24)[0]
     print(f"resident decode step ({model_dir.name}) ...", file=sys.stderr)
     step_s = resident_step_s(model_dir, prompt, 64)
-    inputs = decode_inputs(engine, prompt)
+    try:
+        inputs = decode_inputs(engine, prompt)
+    finally:
+        engine.cache.close()  # the prefill started the transfer thread; nothing more is transferred
     pos = engine.pos_of_layer[inputs["layer"]]
     rows = []
     for spec in tqdm(specs, desc="predictors", unit="predictor"):

@@ -22,11 +22,11 @@ int32, so every MoE layer shares the compilation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxmoe.errors import JaxmoeError
 
@@ -70,42 +70,74 @@ def fuse_gate_lookahead(folded_kernels: np.ndarray, selection_bias, eps: float, 
 
 @dataclass(frozen=True, eq=False)
 class FusedLLaPor:
-    """LLaPor's Flax network on the device (`predictors.llapor.LLaPor`, batch of one). params: the
-    network's flat state leaves. state: f32[L, E], the k-hot routing most recently observed at each MoE
-    position (the host predictor's history feature)."""
+    """LLaPor for one query on the device: the arithmetic of the host predictor's `predict`
+    (`predictors.llapor.LLaPorPredictor`: centrings folded into the weights, only the `horizon` rows asked
+    for, only the target layers' lookahead kernels), not the training network's batched forward, which
+    computes every horizon and every layer's lookahead. params: `fuse_llapor`'s dict. state: f32[L, D],
+    the history feature already projected (hist @ W_hist, centred) per MoE position."""
 
-    graph: object  # jaxmoe.engine.StaticGraph of the network
     horizon: int
     num_moe_layers: int
-    num_experts: int
+    width: int
+    top_k: int
+    activation: str
+    depth: int
     uses_history: bool
+    uses_current: bool
+    uses_lookahead: bool
 
     def init_state(self):
-        return jnp.zeros((self.num_moe_layers, self.num_experts), jnp.float32)
+        return jnp.zeros((self.num_moe_layers, self.width), jnp.float32)
 
     def __call__(self, params, state, pos, hidden, router_logits, ids):
-        net = self.graph.merge(params)
-        if self.uses_history:  # observe(pos, ids), then predict, as the runtime calls the host predictor
-            state = jax.lax.dynamic_update_index_in_dim(state, jax.nn.one_hot(ids, self.num_experts).sum(0), pos, 0)
-        targets = (pos + jnp.arange(1, self.horizon + 1)) % self.num_moe_layers
-        history = state[targets][None] if self.uses_history else None
-        pos_b = jnp.reshape(pos, (1,))
-        scores = net(hidden[None].astype(jnp.float32), router_logits[None].astype(jnp.float32), pos_b, history)
-        return scores[0, : self.horizon], state
+        from predictors.llapor import LN_EPS, NORM_EPS
+
+        p, rows = params, jnp.arange(self.horizon)
+        act = jax.nn.relu if self.activation == "relu" else partial(jax.nn.gelu, approximate=True)
+        if self.uses_history:  # observe(pos, ids) first, as the runtime calls the host predictor
+            state = jax.lax.dynamic_update_index_in_dim(state, p["w_hist"][ids].sum(0), pos, 0)
+        h = hidden.astype(jnp.float32)
+        r = router_logits.astype(jnp.float32)
+        r = r - jnp.mean(r)
+        h_scale = jax.lax.rsqrt(jnp.mean(h * h) + NORM_EPS)
+        x = (h @ p["w_h"]) * h_scale + (r @ p["w_r"]) * jax.lax.rsqrt(jnp.mean(r * r) + NORM_EPS) + p["b_r"]  # [D]
+        if self.uses_current:  # the top-k of the logits, weighted by a softmax over them
+            vals, top = jax.lax.top_k(r, self.top_k)
+            x = x + jax.nn.softmax(vals) @ p["w_cur"][top]
+        u = x + p["src_hor"][pos, : self.horizon]  # [H, D]
+        if self.uses_history:
+            u = u + state[p["tgt_layer"][pos, : self.horizon]]
+        if self.uses_lookahead:
+            g = jnp.einsum("d,hde->he", h, p["kernels_ext"][pos + 1 + rows]) * h_scale  # [H, E], zero-mean
+            g = g * jax.lax.rsqrt(jnp.mean(g * g, -1, keepdims=True) + NORM_EPS)
+            u = u + g @ p["w_g"]
+        u = u * jax.lax.rsqrt(jnp.mean(u * u, -1, keepdims=True) + LN_EPS)  # zero-mean already
+        a = act(u * p["ln_scale"] + p["ln_bias"])
+        for i in range(self.depth):
+            a = a + act(a @ p[f"block{i}_w"] + p[f"block{i}_b"])
+        out = jnp.einsum("hd,hde->he", a, p["heads"][: self.horizon]) + p["tgt_bias"][pos, : self.horizon]
+        if self.uses_lookahead:
+            out = out + p["gain"][pos, : self.horizon, None] * g
+        return out, state
 
 
-def fuse_llapor(cfg, params: dict, horizon: int):
-    """LLaPor config + flat numpy params (`predictors.llapor.restore`) -> (scorer, params) for `horizon`
-    (at most the trained horizon)."""
-    from jaxmoe.engine import flat_state
-    from predictors.llapor import VARIABLES, LLaPor, load_into
-
+def fuse_llapor(predictor, horizon: int):
+    """A host `LLaPorPredictor` -> (scorer, params) for `horizon` (at most the trained horizon)."""
+    cfg = predictor.cfg
     if horizon > cfg.horizon:
         raise JaxmoeError(f"LLaPor predictor was trained for horizon {cfg.horizon}, asked for {horizon}")
-    kernels = params.get("lookahead_kernels") if cfg.use_lookahead else None
-    net = LLaPor(cfg, nnx.Rngs(0), lookahead_kernels=None if kernels is None else jnp.asarray(kernels))
-    load_into(net, params)
-    graphdef, state = nnx.split(net, VARIABLES)
-    graph, leaves = flat_state(graphdef, state)
-    scorer = FusedLLaPor(graph, horizon, cfg.num_moe_layers, cfg.num_experts, cfg.use_history)
-    return scorer, tuple(jnp.asarray(x) for x in leaves)
+    pr = predictor
+    arrays = {"w_h": pr.c_w_h, "w_r": pr.c_w_r, "b_r": pr.c_b_r, "src_hor": pr.c_src_hor, "tgt_layer": pr.tgt_layer,
+              "ln_scale": pr.ln_scale, "ln_bias": pr.ln_bias, "heads": pr.heads, "tgt_bias": pr.tgt_bias_of}
+    for i, (w, b) in enumerate(pr.blocks):
+        arrays[f"block{i}_w"], arrays[f"block{i}_b"] = w, b
+    if pr.c_w_hist is not None:
+        arrays["w_hist"] = pr.c_w_hist
+    if pr.c_w_cur is not None:
+        arrays["w_cur"] = pr.c_w_cur
+    if pr.kernels is not None:
+        arrays.update(kernels_ext=pr.kernels_ext, w_g=pr.c_w_g, gain=pr.gain)
+    params = {k: jnp.asarray(v) for k, v in arrays.items()}
+    scorer = FusedLLaPor(horizon, cfg.num_moe_layers, cfg.width, cfg.top_k, cfg.activation, cfg.depth,
+                         pr.c_w_hist is not None, pr.c_w_cur is not None, pr.kernels is not None)
+    return scorer, params

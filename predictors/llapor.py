@@ -290,7 +290,7 @@ class LLaPorPredictor:
     name = "llapor"
 
     def __init__(self, cfg: LLaPorConfig, params: dict):
-        self.cfg, self.params = cfg, params
+        self.cfg, self.params = cfg, params  # params: the exported weights (for saving a copy)
         self.num_experts, self.num_moe_layers, self.horizon = cfg.num_experts, cfg.num_moe_layers, cfg.horizon
         self.hidden_size = cfg.hidden_size
         p = {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
@@ -337,7 +337,7 @@ class LLaPorPredictor:
         """-> (scorer, params): the network inside the layer's jitted program (`predictors.fused`)."""
         from predictors.fused import fuse_llapor
 
-        return fuse_llapor(self.cfg, self.params, horizon)
+        return fuse_llapor(self, horizon)
 
     def observe(self, pos: int, expert_ids: np.ndarray) -> None:
         if self.w_hist is not None:  # k-hot @ W_hist == the sum of the chosen experts' rows
