@@ -94,15 +94,12 @@ class VirtualCache:
         self.wasted = 0
 
     def _claim(self, key, protect) -> int | None:
-        free = self.table.free_slots()
-        if free:
-            slot = free[0]
-        else:
-            busy = self.in_flight[1] if self.in_flight else None
-            candidates = [s for s in self.table.evictable_slots() if s != busy and self.table.key_in_slot[s] not in protect]
-            if not candidates:
+        slot = self.table.first_free()
+        if slot is None:
+            candidates = self.table.candidates(protect, busy=[self.in_flight[1]] if self.in_flight else ())
+            if not len(candidates):
                 return None
-            slot = self.policy.victim(self.table, candidates)
+            slot = int(self.policy.victim(self.table, candidates))
         evicted = self.table.assign(key, slot)
         if evicted in self.prefetched_unused:
             self.prefetched_unused.discard(evicted)

@@ -96,7 +96,7 @@ def _belady_class():
             return uses[i] if i < len(uses) else self.never
 
         def victim(self, table, candidates=None):
-            candidates = table.evictable_slots() if candidates is None else candidates
+            candidates = table.evictable_slots() if candidates is None else list(candidates)
             if not candidates:
                 raise RuntimeError("no evictable slot: every slot is pinned")
             return max(candidates, key=lambda s: (self.next_use(table.key_in_slot[s]),

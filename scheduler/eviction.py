@@ -25,13 +25,41 @@ import numpy as np
 from scheduler.slot_table import ExpertKey, SlotTable
 
 
+def _grow(table: np.ndarray, key: ExpertKey, fill) -> np.ndarray:
+    """`table` [layers, experts], enlarged (with `fill`) so that `key` indexes it."""
+    layers, experts = max(table.shape[0], key[0] + 1), max(table.shape[1], key[1] + 1)
+    if (layers, experts) == table.shape:
+        return table
+    grown = np.full((layers, experts), fill, table.dtype)
+    grown[: table.shape[0], : table.shape[1]] = table
+    return grown
+
+
+def _lookup(table: np.ndarray, layers: np.ndarray, experts: np.ndarray, fill) -> np.ndarray:
+    """table[layers, experts] where in range, else `fill` (keys never touched)."""
+    inside = (layers < table.shape[0]) & (experts < table.shape[1])
+    out = np.full(len(layers), fill, table.dtype)
+    out[inside] = table[layers[inside], experts[inside]]
+    return out
+
+
 class LRU:
+    """Least recently used. Each key's last use is kept in a dict (`last_use`) and, for victims chosen
+    over hundreds of slots in a few numpy ops, in an array by (layer, expert) (`stamps`)."""
+
     def __init__(self):
         self._clock = itertools.count()
         self.last_use: dict[ExpertKey, int] = {}
+        self._stamp = np.full((0, 0), -1, np.int64)
 
     def touch(self, key: ExpertKey) -> None:
-        self.last_use[key] = next(self._clock)
+        t = self.last_use[key] = next(self._clock)
+        self._stamp = _grow(self._stamp, key, -1)
+        self._stamp[key] = t
+
+    def stamps(self, table: SlotTable, candidates: np.ndarray) -> np.ndarray:
+        """int64[C]: the last use of the key in each candidate slot (-1: never used)."""
+        return _lookup(self._stamp, table.slot_layer[candidates], table.slot_expert[candidates], -1)
 
     def at_step(self, pos: int, step: int) -> None:
         """The `step`-th expert request of the run (0-based, over the whole run), for MoE position `pos`,
@@ -43,27 +71,36 @@ class LRU:
     def set_predictions(self, probabilities: dict[int, np.ndarray]) -> None:
         """{layer: float32[E]}: calibrated P(used) at the next occurrence of each layer within the horizon."""
 
-    def victim(self, table: SlotTable, candidates: list[int] | None = None) -> int:
-        candidates = table.evictable_slots() if candidates is None else candidates
-        if not candidates:
-            raise RuntimeError("no evictable slot: every slot is pinned")
-        return min(candidates, key=lambda s: self.last_use.get(table.key_in_slot[s], -1))
+    def victim(self, table: SlotTable, candidates=None) -> int:
+        """candidates: slot indices (int array or list; default every evictable slot) -> the slot to reuse;
+        ties go to the first candidate."""
+        candidates = _candidates(table, candidates)
+        return int(candidates[np.argmin(self.stamps(table, candidates))])
+
+
+def _candidates(table: SlotTable, candidates) -> np.ndarray:
+    candidates = table.candidates() if candidates is None else np.asarray(candidates, np.int64)
+    if not len(candidates):
+        raise RuntimeError("no evictable slot: every slot is pinned")
+    return candidates
 
 
 class LFU(LRU):
     def __init__(self):
         super().__init__()
         self.uses: Counter = Counter()
+        self._count = np.zeros((0, 0), np.int64)
 
     def touch(self, key: ExpertKey) -> None:
         super().touch(key)
         self.uses[key] += 1
+        self._count = _grow(self._count, key, 0)
+        self._count[key] += 1
 
-    def victim(self, table: SlotTable, candidates: list[int] | None = None) -> int:
-        candidates = table.evictable_slots() if candidates is None else candidates
-        if not candidates:
-            raise RuntimeError("no evictable slot: every slot is pinned")
-        return min(candidates, key=lambda s: (self.uses[table.key_in_slot[s]], self.last_use.get(table.key_in_slot[s], -1)))
+    def victim(self, table: SlotTable, candidates=None) -> int:
+        candidates = _candidates(table, candidates)
+        uses = _lookup(self._count, table.slot_layer[candidates], table.slot_expert[candidates], 0)
+        return int(candidates[np.lexsort((self.stamps(table, candidates), uses))[0]])  # fewest uses, then oldest
 
 
 class ExpectedReuse(LRU):
@@ -101,6 +138,7 @@ class ExpectedReuse(LRU):
         self.current = 0  # MoE position of the running layer
         self.predicted: dict[int, np.ndarray] = {}  # MoE position -> float32[E], replaced whole
         self._score: np.ndarray | None = None  # float[P, E] expected next use; None: stale
+        self._pos_of_layer: np.ndarray | None = None  # int[layers]: `position` as an array
 
     def at_step(self, pos: int, step: int) -> None:
         if pos != self.current:
@@ -132,18 +170,16 @@ class ExpectedReuse(LRU):
             self._score = score  # read by the transfer thread too: replaced whole, never edited
         return score
 
-    def victim(self, table: SlotTable, candidates: list[int] | None = None) -> int:
-        candidates = table.evictable_slots() if candidates is None else candidates
-        if not candidates:
-            raise RuntimeError("no evictable slot: every slot is pinned")
-        keys = [table.key_in_slot[s] for s in candidates]
-        pos = [self.position[layer] for layer, _ in keys]
-        expert = [e for _, e in keys]
-        score = self.scores()[pos, expert]
-        best = np.flatnonzero(score == score.max())
+    def victim(self, table: SlotTable, candidates=None) -> int:
+        candidates = _candidates(table, candidates)
+        if self._pos_of_layer is None:
+            self._pos_of_layer = np.full(max(self.position) + 1, -1, np.int64)
+            self._pos_of_layer[list(self.position)] = list(self.position.values())
+        score = self.scores()[self._pos_of_layer[table.slot_layer[candidates]], table.slot_expert[candidates]]
+        best = candidates[score == score.max()]
         if len(best) == 1:
-            return candidates[int(best[0])]
-        return min((candidates[i] for i in best), key=lambda s: self.last_use.get(table.key_in_slot[s], -1))
+            return int(best[0])
+        return int(best[np.argmin(self.stamps(table, best))])
 
 
 class Belady(LRU):
@@ -169,10 +205,8 @@ class Belady(LRU):
     def at_step(self, pos: int, step: int) -> None:
         self.advance(step)
 
-    def victim(self, table: SlotTable, candidates: list[int] | None = None) -> int:
-        candidates = table.evictable_slots() if candidates is None else candidates
-        if not candidates:
-            raise RuntimeError("no evictable slot: every slot is pinned")
+    def victim(self, table: SlotTable, candidates=None) -> int:
+        candidates = _candidates(table, candidates).tolist()
         upcoming = self.next_use[self.step]
         never = len(self.next_use) + 1
         return max(candidates, key=lambda s: (upcoming.get(table.key_in_slot[s], never), -self.last_use.get(table.key_in_slot[s], -1)))

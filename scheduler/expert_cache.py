@@ -189,15 +189,12 @@ class ExpertCache:
     # -- shared helpers (caller holds the lock) ------------------------------------------------------
     def _claim_slot(self, key: ExpertKey, protect) -> int | None:
         """A free slot, or the victim among slots neither pinned, in flight nor protected; assigns key."""
-        free = self.table.free_slots()
-        if free:
-            slot = free[0]
-        else:
-            candidates = [s for s in self.table.evictable_slots()
-                          if s not in self._in_flight and self.table.key_in_slot[s] not in protect]
-            if not candidates:
+        slot = self.table.first_free()
+        if slot is None:
+            candidates = self.table.candidates(protect, busy=self._in_flight)
+            if not len(candidates):
                 return None
-            slot = self.policy.victim(self.table, candidates)
+            slot = int(self.policy.victim(self.table, candidates))
         evicted = self.table.assign(key, slot)
         if evicted is not None and evicted in self._prefetched_unused:
             self._prefetched_unused.discard(evicted)

@@ -6,6 +6,8 @@ layer needs it, so it must not be evicted). Pure bookkeeping: no JAX, no timing.
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 ExpertKey = tuple[int, int]
@@ -23,16 +25,40 @@ class SlotTable:
         self.slot_of: dict[ExpertKey, int] = {}
         self.pinned: set[int] = set()
         self.resident = None if key_shape is None else np.zeros(key_shape, bool)
+        # the same facts as arrays over slots, so choosing among hundreds of slots is a few numpy ops
+        self.slot_layer = np.full(num_slots, -1, np.int64)  # -1: free
+        self.slot_expert = np.full(num_slots, -1, np.int64)
+        self.pinned_mask = np.zeros(num_slots, bool)
+        self._free_heap = list(range(num_slots))  # may hold stale (occupied) entries, skipped on read
 
     def lookup(self, key: ExpertKey) -> int | None:
         return self.slot_of.get(key)
 
     def free_slots(self) -> list[int]:
-        return [s for s, k in enumerate(self.key_in_slot) if k is None]
+        return np.flatnonzero(self.slot_layer < 0).tolist()
+
+    def first_free(self) -> int | None:
+        """The lowest free slot, or None."""
+        heap = self._free_heap
+        while heap and self.slot_layer[heap[0]] >= 0:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
 
     def evictable_slots(self) -> list[int]:
         """Occupied slots that are not pinned."""
-        return [s for s, k in enumerate(self.key_in_slot) if k is not None and s not in self.pinned]
+        return self.candidates().tolist()
+
+    def candidates(self, protect=(), busy=()) -> np.ndarray:
+        """int[C] ascending: occupied, unpinned slots, except those in `busy` (e.g. a transfer in flight) and
+        those holding a key in `protect` -- the slots an eviction may choose from."""
+        mask = (self.slot_layer >= 0) & ~self.pinned_mask
+        if busy:
+            mask[list(busy)] = False
+        for key in protect:
+            slot = self.slot_of.get(key)
+            if slot is not None:
+                mask[slot] = False
+        return np.flatnonzero(mask)
 
     def assign(self, key: ExpertKey, slot: int) -> ExpertKey | None:
         """Puts `key` in `slot`, returning the key it evicted (or None). Refuses pinned slots."""
@@ -46,6 +72,7 @@ class SlotTable:
             self._mark(evicted, False)
         self.key_in_slot[slot] = key
         self.slot_of[key] = slot
+        self.slot_layer[slot], self.slot_expert[slot] = key
         self._mark(key, True)
         return evicted
 
@@ -56,7 +83,10 @@ class SlotTable:
             del self.slot_of[key]
             self._mark(key, False)
         self.key_in_slot[slot] = None
+        self.slot_layer[slot] = self.slot_expert[slot] = -1
+        heapq.heappush(self._free_heap, slot)
         self.pinned.discard(slot)
+        self.pinned_mask[slot] = False
 
     def _mark(self, key: ExpertKey, present: bool) -> None:
         if self.resident is not None:
@@ -64,9 +94,11 @@ class SlotTable:
 
     def pin(self, slot: int) -> None:
         self.pinned.add(slot)
+        self.pinned_mask[slot] = True
 
     def unpin_all(self) -> None:
         self.pinned.clear()
+        self.pinned_mask[:] = False
 
     def check(self) -> None:
         """Asserts internal consistency (used by tests and fuzzers)."""
@@ -75,3 +107,6 @@ class SlotTable:
             assert self.key_in_slot[slot] == key
         if self.resident is not None:
             assert int(self.resident.sum()) == len(self.slot_of) and all(self.resident[k] for k in self.slot_of)
+        for slot, key in enumerate(self.key_in_slot):
+            assert (self.slot_layer[slot], self.slot_expert[slot]) == (key if key is not None else (-1, -1))
+            assert self.pinned_mask[slot] == (slot in self.pinned)
