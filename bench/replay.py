@@ -118,7 +118,7 @@ class VirtualCache:
                 self.transfers += 1
                 if is_prefetch:
                     self.prefetches += 1
-                    if slot not in self.table.pinned:
+                    if not self.table.pinned_mask[slot]:
                         self.prefetched_unused.add(key)
             if self.demand:
                 key, slot, since = self.demand[0]

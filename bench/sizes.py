@@ -100,7 +100,7 @@ def _belady_class():
             if not candidates:
                 raise RuntimeError("no evictable slot: every slot is pinned")
             return max(candidates, key=lambda s: (self.next_use(table.key_in_slot[s]),
-                                                  -self.last_use.get(table.key_in_slot[s], -1)))
+                                                  -self.last_use(table.key_in_slot[s])))
 
     return IndexedBelady
 

@@ -489,7 +489,7 @@ class OffloadEngine:
         fuse = self.fuse_predictor if self.fuse_predictor is not None else self.device.platform != "cpu"
         if fuse and fusable and self.routing_override is None:
             key = (self.predictor, self.planner.horizon)
-            if self._fused_for is None or self._fused_for[0] is not key[0] or self._fused_for[1] != key[1]:
+            if self._fused_for != key:  # predictors compare by identity
                 self._fused, self._fused_for = self.predictor.to_fused(self.planner.horizon), key
                 # the traced scalars moe_front takes, placed once (a host scalar costs a transfer per call)
                 self._row_scalars = [jax.device_put(np.int32(i), self.device_sharding) for i in range(len(self.moe_layer_ids))]

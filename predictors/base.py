@@ -93,7 +93,9 @@ class GateLookaheadPredictor:
         # norm scale folded into the kernels, layers 0..L-1 repeated: positions p+1..p+H (wrapping, also
         # past one token when H > L) are one contiguous slice, so a call is one batched matmul
         folded = self.norm_scales[:, :, None] * self.router_kernels  # [L, d, E]
-        self._kernels_ext = np.concatenate([folded] * (2 + MAX_HORIZON // len(folded)))  # [(2 + H/L) L, d, E]
+        copies = 2 + MAX_HORIZON // len(folded)
+        self._kernels_ext = np.concatenate([folded] * copies)  # [(2 + H/L) L, d, E]
+        self._bias_ext = None if self.selection_bias is None else np.concatenate([self.selection_bias] * copies)
 
     def reset(self) -> None:
         pass
@@ -102,9 +104,8 @@ class GateLookaheadPredictor:
         h = np.asarray(hidden, np.float32)
         normed = h * np.float32(1.0 / np.sqrt(np.dot(h, h) / len(h) + self.eps))  # [d]
         scores = np.matmul(normed, self._kernels_ext[pos + 1 : pos + 1 + horizon])  # [H, E]
-        if self.selection_bias is not None:  # sigmoid routers with a selection bias (DeepSeek-V3)
-            rows = target_positions(pos, horizon, len(self.router_kernels))
-            scores = 1.0 / (1.0 + np.exp(-scores)) + self.selection_bias[rows]
+        if self._bias_ext is not None:  # sigmoid routers with a selection bias (DeepSeek-V3)
+            scores = 1.0 / (1.0 + np.exp(-scores)) + self._bias_ext[pos + 1 : pos + 1 + horizon]
         return scores
 
     def observe(self, pos, expert_ids):
@@ -114,8 +115,7 @@ class GateLookaheadPredictor:
         """-> (scorer, params): this predictor inside the layer's jitted program (`predictors.fused`)."""
         from predictors.fused import fuse_gate_lookahead
 
-        folded = self.norm_scales[:, :, None] * self.router_kernels
-        return fuse_gate_lookahead(folded, self.selection_bias, self.eps, horizon)
+        return fuse_gate_lookahead(self._kernels_ext, self._bias_ext, len(self.router_kernels), self.eps, horizon)
 
     @classmethod
     def from_layer_trees(cls, moe_layer_trees: list[dict], eps: float) -> "GateLookaheadPredictor":

@@ -38,7 +38,6 @@ class FusedGateLookahead:
     repeated at the end, selection_bias f32[L + horizon, E] or None)."""
 
     horizon: int
-    num_experts: int
     eps: float
     sigmoid: bool  # DeepSeek-V3-style sigmoid router with a selection bias
 
@@ -56,16 +55,13 @@ class FusedGateLookahead:
         return scores, state
 
 
-def fuse_gate_lookahead(folded_kernels: np.ndarray, selection_bias, eps: float, horizon: int):
-    """folded_kernels: f32[L, d, E] (norm scale folded in); selection_bias: f32[L, E] or None -> (scorer, params)."""
-    num_layers, _, num_experts = folded_kernels.shape
-    repeat = 1 + -(-horizon // num_layers)  # enough copies that pos + 1 + horizon never runs off the end
-    kernels = jnp.asarray(np.concatenate([folded_kernels] * (repeat + 1))[: num_layers + horizon + 1], jnp.float32)
-    bias = None
-    if selection_bias is not None:
-        bias = jnp.asarray(np.concatenate([selection_bias] * (repeat + 1))[: num_layers + horizon + 1], jnp.float32)
-    scorer = FusedGateLookahead(horizon, num_experts, float(eps), selection_bias is not None)
-    return scorer, (kernels, bias)
+def fuse_gate_lookahead(kernels_ext: np.ndarray, bias_ext, num_layers: int, eps: float, horizon: int):
+    """The host predictor's repeated tables (`GateLookaheadPredictor`: kernels_ext f32[>= L + H, d, E] with
+    the norm scale folded in, bias_ext f32[>= L + H, E] or None) -> (scorer, params); only the first
+    L + horizon rows go to the device."""
+    rows = num_layers + horizon
+    bias = None if bias_ext is None else jnp.asarray(bias_ext[:rows], jnp.float32)
+    return FusedGateLookahead(horizon, float(eps), bias_ext is not None), (jnp.asarray(kernels_ext[:rows], jnp.float32), bias)
 
 
 @dataclass(frozen=True, eq=False)

@@ -290,7 +290,7 @@ class LLaPorPredictor:
     name = "llapor"
 
     def __init__(self, cfg: LLaPorConfig, params: dict):
-        self.cfg, self.params = cfg, params  # params: the exported weights (for saving a copy)
+        self.cfg = cfg
         self.num_experts, self.num_moe_layers, self.horizon = cfg.num_experts, cfg.num_moe_layers, cfg.horizon
         self.hidden_size = cfg.hidden_size
         p = {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}

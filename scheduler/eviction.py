@@ -18,7 +18,6 @@ these ignore them.
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 
 import numpy as np
 
@@ -44,18 +43,21 @@ def _lookup(table: np.ndarray, layers: np.ndarray, experts: np.ndarray, fill) ->
 
 
 class LRU:
-    """Least recently used. Each key's last use is kept in a dict (`last_use`) and, for victims chosen
-    over hundreds of slots in a few numpy ops, in an array by (layer, expert) (`stamps`)."""
+    """Least recently used. Each key's last use is kept in an array by (layer, expert), so victims among
+    hundreds of slots are chosen in a few numpy ops."""
 
     def __init__(self):
         self._clock = itertools.count()
-        self.last_use: dict[ExpertKey, int] = {}
         self._stamp = np.full((0, 0), -1, np.int64)
 
     def touch(self, key: ExpertKey) -> None:
-        t = self.last_use[key] = next(self._clock)
         self._stamp = _grow(self._stamp, key, -1)
-        self._stamp[key] = t
+        self._stamp[key] = next(self._clock)
+
+    def last_use(self, key: ExpertKey) -> int:
+        """When `key` was last used (a clock tick; -1: never)."""
+        inside = key[0] < self._stamp.shape[0] and key[1] < self._stamp.shape[1]
+        return int(self._stamp[key]) if inside else -1
 
     def stamps(self, table: SlotTable, candidates: np.ndarray) -> np.ndarray:
         """int64[C]: the last use of the key in each candidate slot (-1: never used)."""
@@ -88,12 +90,10 @@ def _candidates(table: SlotTable, candidates) -> np.ndarray:
 class LFU(LRU):
     def __init__(self):
         super().__init__()
-        self.uses: Counter = Counter()
         self._count = np.zeros((0, 0), np.int64)
 
     def touch(self, key: ExpertKey) -> None:
         super().touch(key)
-        self.uses[key] += 1
         self._count = _grow(self._count, key, 0)
         self._count[key] += 1
 
@@ -138,7 +138,8 @@ class ExpectedReuse(LRU):
         self.current = 0  # MoE position of the running layer
         self.predicted: dict[int, np.ndarray] = {}  # MoE position -> float32[E], replaced whole
         self._score: np.ndarray | None = None  # float[P, E] expected next use; None: stale
-        self._pos_of_layer: np.ndarray | None = None  # int[layers]: `position` as an array
+        self._pos_of_layer = np.full(max(layer_positions) + 1, -1, np.int64)  # `position` as an array
+        self._pos_of_layer[list(layer_positions)] = list(layer_positions.values())
 
     def at_step(self, pos: int, step: int) -> None:
         if pos != self.current:
@@ -172,9 +173,6 @@ class ExpectedReuse(LRU):
 
     def victim(self, table: SlotTable, candidates=None) -> int:
         candidates = _candidates(table, candidates)
-        if self._pos_of_layer is None:
-            self._pos_of_layer = np.full(max(self.position) + 1, -1, np.int64)
-            self._pos_of_layer[list(self.position)] = list(self.position.values())
         score = self.scores()[self._pos_of_layer[table.slot_layer[candidates]], table.slot_expert[candidates]]
         best = candidates[score == score.max()]
         if len(best) == 1:
@@ -209,7 +207,7 @@ class Belady(LRU):
         candidates = _candidates(table, candidates).tolist()
         upcoming = self.next_use[self.step]
         never = len(self.next_use) + 1
-        return max(candidates, key=lambda s: (upcoming.get(table.key_in_slot[s], never), -self.last_use.get(table.key_in_slot[s], -1)))
+        return max(candidates, key=lambda s: (upcoming.get(table.key_in_slot[s], never), -self.last_use(table.key_in_slot[s])))
 
 
 EVICTION_POLICIES = {"on-demand": LRU, "lfu": LFU}

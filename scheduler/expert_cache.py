@@ -259,7 +259,7 @@ class ExpertCache:
                 self.measured_bandwidth = rate if self.measured_bandwidth is None else 0.8 * self.measured_bandwidth + 0.2 * rate
                 if is_prefetch:
                     self.stats.prefetches += 1
-                    if slot not in self.table.pinned:
+                    if not self.table.pinned_mask[slot]:
                         self._prefetched_unused.add(key)
                 self._in_flight.pop(slot).set()
                 self._cond.notify_all()

@@ -23,13 +23,17 @@ class SlotTable:
         self.num_slots = num_slots
         self.key_in_slot: list[ExpertKey | None] = [None] * num_slots
         self.slot_of: dict[ExpertKey, int] = {}
-        self.pinned: set[int] = set()
         self.resident = None if key_shape is None else np.zeros(key_shape, bool)
         # the same facts as arrays over slots, so choosing among hundreds of slots is a few numpy ops
         self.slot_layer = np.full(num_slots, -1, np.int64)  # -1: free
         self.slot_expert = np.full(num_slots, -1, np.int64)
-        self.pinned_mask = np.zeros(num_slots, bool)
+        self.pinned_mask = np.zeros(num_slots, bool)  # the running layer needs it: not evictable
         self._free_heap = list(range(num_slots))  # may hold stale (occupied) entries, skipped on read
+
+    @property
+    def pinned(self) -> set[int]:
+        """The pinned slots."""
+        return set(np.flatnonzero(self.pinned_mask).tolist())
 
     def lookup(self, key: ExpertKey) -> int | None:
         return self.slot_of.get(key)
@@ -62,7 +66,7 @@ class SlotTable:
 
     def assign(self, key: ExpertKey, slot: int) -> ExpertKey | None:
         """Puts `key` in `slot`, returning the key it evicted (or None). Refuses pinned slots."""
-        if slot in self.pinned:
+        if self.pinned_mask[slot]:
             raise ValueError(f"slot {slot} is pinned")
         if key in self.slot_of:
             raise ValueError(f"{key} already in slot {self.slot_of[key]}")
@@ -85,7 +89,6 @@ class SlotTable:
         self.key_in_slot[slot] = None
         self.slot_layer[slot] = self.slot_expert[slot] = -1
         heapq.heappush(self._free_heap, slot)
-        self.pinned.discard(slot)
         self.pinned_mask[slot] = False
 
     def _mark(self, key: ExpertKey, present: bool) -> None:
@@ -93,11 +96,9 @@ class SlotTable:
             self.resident[key] = present
 
     def pin(self, slot: int) -> None:
-        self.pinned.add(slot)
         self.pinned_mask[slot] = True
 
     def unpin_all(self) -> None:
-        self.pinned.clear()
         self.pinned_mask[:] = False
 
     def check(self) -> None:
@@ -109,4 +110,3 @@ class SlotTable:
             assert int(self.resident.sum()) == len(self.slot_of) and all(self.resident[k] for k in self.slot_of)
         for slot, key in enumerate(self.key_in_slot):
             assert (self.slot_layer[slot], self.slot_expert[slot]) == (key if key is not None else (-1, -1))
-            assert self.pinned_mask[slot] == (slot in self.pinned)

@@ -33,20 +33,20 @@ def test_fused_gate_lookahead_equals_host(num_layers, horizon, sigmoid):
         np.testing.assert_allclose(np.asarray(scores), host.predict(pos, hidden, None, horizon), rtol=1e-5, atol=1e-5)
 
 
-def random_llapor(d, E, L, k, seed=0, **options) -> LLaPorPredictor:
-    """An untrained LLaPor (random weights, made non-trivial) as the host predictor."""
+def random_llapor(d, E, L, k, seed=0, **options) -> tuple[LLaPorPredictor, dict]:
+    """An untrained LLaPor (random weights, made non-trivial) -> (host predictor, its flat params)."""
     rng = np.random.default_rng(seed)
     cfg = LLaPorConfig(hidden_size=d, num_experts=E, num_moe_layers=L, top_k=k, width=32, depth=2, **options)
     net = LLaPor(cfg, nnx.Rngs(seed), lookahead_kernels=rng.normal(size=(L, d, E)).astype(np.float32))
     params = {name: (v + 0.3 * rng.normal(size=v.shape)).astype(np.float32) for name, v in params_of(net).items()}
-    return LLaPorPredictor(cfg, params)
+    return LLaPorPredictor(cfg, params), params
 
 
 @pytest.mark.parametrize("options", [dict(use_history=True, use_lookahead=True, use_current=True),
                                      dict(use_history=False, use_lookahead=False, activation="gelu")])
 def test_fused_llapor_equals_host_with_history(options):
     d, E, L, k = 12, 8, 3, 2
-    host = random_llapor(d, E, L, k, **options)
+    host, _ = random_llapor(d, E, L, k, **options)
     rng = np.random.default_rng(1)
     for horizon in (1, 4):
         scorer, params = host.to_fused(horizon)
@@ -63,7 +63,7 @@ def test_fused_llapor_equals_host_with_history(options):
 
 
 def test_llapor_refuses_a_longer_horizon_than_trained():
-    host = random_llapor(8, 4, 2, 2, horizon=2)
+    host, _ = random_llapor(8, 4, 2, 2, horizon=2)
     with pytest.raises(jaxmoe.JaxmoeError, match="horizon 2"):
         host.to_fused(3)
 
@@ -86,10 +86,10 @@ def test_engine_fused_and_host_predictors_agree(tmp_path, converted_model, predi
     expected = jaxmoe.load(model_dir).generate(PROMPT, 10).generated_ids
     if predictor == "llapor":  # an untrained LLaPor of the tiny model's shape, through the --predictor PATH route
         cfg = jaxmoe.load(model_dir, cache_slots=4).cfg
-        host = random_llapor(cfg.hidden_size, cfg.num_experts, len(cfg.moe_layer_ids), cfg.num_experts_per_tok,
+        host, params = random_llapor(cfg.hidden_size, cfg.num_experts, len(cfg.moe_layer_ids), cfg.num_experts_per_tok,
                              use_history=True, use_lookahead=True, use_current=True)
         predictor = str(tmp_path / "llapor")
-        save(tmp_path / "llapor", host.cfg, host.params, {"trained_on": {"name": "random"}})
+        save(tmp_path / "llapor", host.cfg, params, {"trained_on": {"name": "random"}})
     fused_ids, fused = observed_run(model_dir, predictor, True, policy)
     host_ids, hosted = observed_run(model_dir, predictor, False, policy)
     assert fused_ids == host_ids == expected
