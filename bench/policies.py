@@ -84,7 +84,8 @@ def run_engine(engine, prompts, max_new_tokens: int, repeats: int) -> dict:
             "prefetch_precision": prefetch_hits / prefetches if prefetches else None,
             "h2d_gb_per_token": h2d / 1e9 / tokens,
         })
-    out = {k: statistics.median(p[k] for p in passes) if passes[0][k] is not None else None for k in passes[0]}
+    # a figure can be undefined in some passes only (prefetch precision of a pass that prefetched nothing)
+    out = {k: statistics.median(vals) if (vals := [p[k] for p in passes if p[k] is not None]) else None for k in passes[0]}
     out["decode_tokens_per_s_all_passes"] = [p["decode_tokens_per_s"] for p in passes]
     return out
 

@@ -373,14 +373,15 @@ class OffloadEngine:
             self.slots = write_slot(self.slots, slot, on_device)
 
     # -- one MoE layer -------------------------------------------------------------------------------
-    def _ensure(self, keys):
+    def _ensure(self, layer: int, experts: np.ndarray) -> np.ndarray:
+        """experts: int[n] distinct, of MoE layer `layer` -> int64[n] their slots, once resident."""
         t0 = time.perf_counter()
         if self._last_layer_done is not None and self._decoding:
             compute = t0 - self._last_layer_done
             self._layer_compute_s = compute if self._layer_compute_s is None else 0.9 * self._layer_compute_s + 0.1 * compute
-        self.cache.policy.at_step(self.pos_of_layer[keys[0][0]], len(self._requests))
-        slots = self.cache.ensure(keys)
-        self._requests.append(set(keys))
+        self.cache.policy.at_step(self.pos_of_layer[layer], len(self._requests))
+        slots = self.cache.ensure_slots(layer, experts)
+        self._requests.append((layer, experts))
         self._last_layer_done = time.perf_counter()
         return slots
 
@@ -397,16 +398,16 @@ class OffloadEngine:
             ids_host = np.asarray(ids)  # [N, k]
         if self.routing_override is not None:
             ids_host = np.asarray(self.routing_override(layer, np.atleast_1d(self._position), ids_host), np.int32)
-        needed = np.unique(ids_host[valid_rows])
+        needed = distinct_sorted(ids_host if len(valid_rows) == 1 else ids_host[valid_rows])
         tokens = flat.shape[0]
         # prefill: one static group count per chunk length, so only the rows bucket varies between compiles
         max_groups = min(self.cfg.num_experts, self.num_slots, tokens * self.cfg.num_experts_per_tok)
         routed = None
-        groups = [needed[start : start + self.num_slots] for start in range(0, len(needed), self.num_slots)]
+        groups = [needed] if len(needed) <= self.num_slots else [
+            needed[start : start + self.num_slots] for start in range(0, len(needed), self.num_slots)]
         for n, group in enumerate(groups):
-            slot_of = self._ensure([(layer, int(e)) for e in group])
             lut = np.full(self.cfg.num_experts, -1, np.int32)
-            lut[group] = [slot_of[(layer, int(e))] for e in group]
+            lut[group] = self._ensure(layer, group)
             slot_ids = lut[ids_host]
             if tokens <= GATHER_MAX_TOKENS:
                 kernel = "gather"
@@ -432,7 +433,7 @@ class OffloadEngine:
             self.layer_observer(pos, self._decoding, ids_host[valid_rows], scores)
         eviction = self.cache.policy
         eviction.set_predictions(self.planner.use_probability)
-        rows = ids_host[valid_rows]
+        rows = ids_host if len(valid_rows) == 1 else ids_host[valid_rows]
         tokens = max(len(rows), 1)
         eviction.observe(pos, np.bincount(rows.reshape(-1), minlength=self.cfg.num_experts) / tokens, tokens)
 
@@ -477,7 +478,7 @@ class OffloadEngine:
         self.cache.forget_prefetches()
         self._run_base = self.cache.stats.as_dict()  # prefill stats count from here, not from the engine's creation
         self._decoding = False
-        self._requests: list[set] = []
+        self._requests: list[tuple[int, np.ndarray]] = []  # each ensure: (layer, experts)
         self._last_layer_done = None
         self._layer_compute_s = None
         if self.predictor is not None:
@@ -626,11 +627,20 @@ class OffloadEngine:
                 self._new_cache(NoPrefetch(), LRU())
                 generate_loop(self, self.cfg, prompt_ids, max_new_tokens, sampling, None)
                 self.cache.close()
-                future = self._requests
+                future = [{(layer, int(e)) for e in experts} for layer, experts in self._requests]
                 self._new_cache(OraclePlanner(future), Belady(future))
             return generate_loop(self, self.cfg, prompt_ids, max_new_tokens, sampling, on_token)
         finally:
             self.cache.close()
+
+
+def distinct_sorted(ids: np.ndarray) -> np.ndarray:
+    """The distinct values of `ids` (any shape), ascending: np.unique, with a cheaper path for one token's
+    top-k (already distinct)."""
+    flat = np.sort(ids.reshape(-1))
+    if len(flat) <= 16 and (flat[1:] != flat[:-1]).all():
+        return flat
+    return np.unique(flat)
 
 
 def kv_cache_bytes(model, max_len: int) -> int:

@@ -17,8 +17,6 @@ these ignore them.
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
 from scheduler.slot_table import ExpertKey, SlotTable
@@ -34,6 +32,11 @@ def _grow(table: np.ndarray, key: ExpertKey, fill) -> np.ndarray:
     return grown
 
 
+def _max_key(layers, experts: np.ndarray) -> ExpertKey:
+    """The largest layer and expert of a non-empty batch of keys (layers: one int or int[n])."""
+    return (layers if isinstance(layers, (int, np.integer)) else int(layers.max())), int(experts.max())
+
+
 def _lookup(table: np.ndarray, layers: np.ndarray, experts: np.ndarray, fill) -> np.ndarray:
     """table[layers, experts] where in range, else `fill` (keys never touched)."""
     inside = (layers < table.shape[0]) & (experts < table.shape[1])
@@ -47,12 +50,21 @@ class LRU:
     hundreds of slots are chosen in a few numpy ops."""
 
     def __init__(self):
-        self._clock = itertools.count()
+        self._clock = 0  # uses so far
         self._stamp = np.full((0, 0), -1, np.int64)
 
     def touch(self, key: ExpertKey) -> None:
-        self._stamp = _grow(self._stamp, key, -1)
-        self._stamp[key] = next(self._clock)
+        self.touch_many(key[0], np.array([key[1]]))
+
+    def touch_many(self, layers, experts: np.ndarray) -> None:
+        """Uses of distinct keys, in this order: layers one layer (int) or int[n]; experts int[n]."""
+        stamps = np.arange(self._clock, self._clock + len(experts))
+        try:
+            self._stamp[layers, experts] = stamps
+        except IndexError:  # a key beyond every key seen so far
+            self._stamp = _grow(self._stamp, _max_key(layers, experts), -1)
+            self._stamp[layers, experts] = stamps
+        self._clock += len(experts)
 
     def last_use(self, key: ExpertKey) -> int:
         """When `key` was last used (a clock tick; -1: never)."""
@@ -92,10 +104,11 @@ class LFU(LRU):
         super().__init__()
         self._count = np.zeros((0, 0), np.int64)
 
-    def touch(self, key: ExpertKey) -> None:
-        super().touch(key)
-        self._count = _grow(self._count, key, 0)
-        self._count[key] += 1
+    def touch_many(self, layers, experts: np.ndarray) -> None:
+        super().touch_many(layers, experts)
+        if self._count.shape != self._stamp.shape:
+            self._count = _grow(self._count, (self._stamp.shape[0] - 1, self._stamp.shape[1] - 1), 0)
+        self._count[layers, experts] += 1  # distinct keys: no repeated index
 
     def victim(self, table: SlotTable, candidates=None) -> int:
         candidates = _candidates(table, candidates)

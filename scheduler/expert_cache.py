@@ -102,34 +102,52 @@ class ExpertCache:
     # -- main thread ----------------------------------------------------------------------------------
     def ensure(self, keys: Sequence[ExpertKey]) -> dict[ExpertKey, int]:
         """Makes every key (distinct, at most num_slots) resident and pinned -> {key: slot}. Blocks."""
-        if len(keys) > self.table.num_slots:
-            raise ValueError(f"{len(keys)} experts requested at once but only {self.table.num_slots} slots")
+        layers = np.array([key[0] for key in keys], np.int64)
+        experts = np.array([key[1] for key in keys], np.int64)
+        return dict(zip(keys, self.ensure_slots(layers, experts).tolist()))
+
+    def ensure_slots(self, layers, experts: np.ndarray) -> np.ndarray:
+        """`ensure` over arrays (the runtime's per-layer call): layers one layer (int) or int[n]; experts
+        int[n] (distinct keys, in request order) -> int64[n], the slot of each. Blocks until all landed."""
+        if len(experts) > self.table.num_slots:
+            raise ValueError(f"{len(experts)} experts requested at once but only {self.table.num_slots} slots")
         self._raise_if_failed()
         self._start()
-        wanted = set(keys)
+        one_layer = isinstance(layers, (int, np.integer))
+        layer_of = (lambda i: int(layers)) if one_layer else (lambda i: int(layers[i]))  # noqa: E731
         waits: list[threading.Event] = []
-        slots: dict[ExpertKey, int] = {}
+        stats = self.stats
         with self._cond:
-            self.table.unpin_all()
-            missing = []
-            for key in keys:
-                slot = self.table.lookup(key)
-                if slot is None:
-                    missing.append(key)
-                    continue
-                self.table.pin(slot)
-                slots[key] = slot
-                if slot in self._in_flight:
-                    waits.append(self._in_flight[slot])
-                    self.stats.late_hits += 1
-                else:
-                    self.stats.hits += 1
-                    self.stats.hits_per_layer[key[0]] += 1
-                if key in self._prefetched_unused or slot in self._in_flight:
-                    self.stats.prefetch_hits += 1
-                    self._prefetched_unused.discard(key)
-            self._pending = deque(k for k in self._pending if k not in wanted)
-            for key in missing:  # evict outside the prefetch plan's protected set while possible
+            table = self.table
+            table.unpin_all()
+            slots = table.slots_of(layers, experts)
+            slot_list = slots.tolist()  # a few keys: Python beats numpy's per-call overhead from here on
+            missing_rows = [i for i, slot in enumerate(slot_list) if slot < 0]
+            hit_rows = [i for i, slot in enumerate(slot_list) if slot >= 0] if missing_rows else range(len(slot_list))
+            table.pinned_mask[[slot_list[i] for i in hit_rows] if missing_rows else slots] = True
+            late_rows = set()
+            if self._in_flight or self._prefetched_unused:  # late hits and prefetch hits: a few keys, in Python
+                for i in hit_rows:
+                    key, flying = (layer_of(i), int(experts[i])), self._in_flight.get(slot_list[i])
+                    if flying is not None:
+                        waits.append(flying)
+                        late_rows.add(i)
+                    if flying is not None or key in self._prefetched_unused:
+                        stats.prefetch_hits += 1
+                        self._prefetched_unused.discard(key)
+            stats.late_hits += len(late_rows)
+            stats.hits += len(hit_rows) - len(late_rows)
+            if one_layer:
+                stats.hits_per_layer[int(layers)] += len(hit_rows) - len(late_rows)
+            else:
+                for i in hit_rows:
+                    if i not in late_rows:
+                        stats.hits_per_layer[layer_of(i)] += 1
+            if missing_rows or self._pending:
+                wanted = {(layer_of(i), int(experts[i])) for i in range(len(experts))}
+                self._pending = deque(k for k in self._pending if k not in wanted)
+            for i in missing_rows:  # evict outside the prefetch plan's protected set while possible
+                key = (layer_of(i), int(experts[i]))
                 slot = self._claim_slot(key, protect=wanted | self._protect)
                 if slot is None:
                     slot = self._claim_slot(key, protect=wanted)
@@ -138,20 +156,21 @@ class ExpertCache:
                     self._raise_if_failed()
                     slot = self._claim_slot(key, protect=wanted)
                 self.table.pin(slot)
-                slots[key] = slot
+                slots[i] = slot
                 self._demand.append((key, slot))
                 waits.append(self._in_flight[slot])
-                self.stats.misses += 1
-                self.stats.misses_per_layer[key[0]] += 1
-            self._cond.notify_all()
-        t0 = time.perf_counter()
-        for event in waits:
-            while not event.wait(POLL_S):
-                self._raise_if_failed()
-        self.stats.stall_s += time.perf_counter() - t0
-        self._raise_if_failed()
-        for key in keys:
-            self.policy.touch(key)
+                stats.misses += 1
+                stats.misses_per_layer[key[0]] += 1
+            if missing_rows:
+                self._cond.notify_all()
+        if waits:
+            t0 = time.perf_counter()
+            for event in waits:
+                while not event.wait(POLL_S):
+                    self._raise_if_failed()
+            stats.stall_s += time.perf_counter() - t0
+            self._raise_if_failed()
+        self.policy.touch_many(layers, experts)
         return slots
 
     def prefetch(self, keys: Iterable[ExpertKey], protect: Iterable[ExpertKey] = ()) -> None:

@@ -14,8 +14,7 @@ ExpertKey = tuple[int, int]
 
 
 class SlotTable:
-    """key_shape: (layers, experts) bounds of the keys, or None; when given, `resident` is kept as a
-    bool[layers, experts] mask of the keys that hold a slot (what a planner reads without building sets)."""
+    """key_shape: (layers, experts) bounds of the keys, if known (the index grows to fit any key)."""
 
     def __init__(self, num_slots: int, key_shape: tuple[int, int] | None = None):
         if num_slots < 1:
@@ -23,7 +22,8 @@ class SlotTable:
         self.num_slots = num_slots
         self.key_in_slot: list[ExpertKey | None] = [None] * num_slots
         self.slot_of: dict[ExpertKey, int] = {}
-        self.resident = None if key_shape is None else np.zeros(key_shape, bool)
+        # slot_of as an int64[layers, experts] array (-1: no slot): a layer's k lookups are one numpy op
+        self.slot_index = np.full(key_shape or (0, 0), -1, np.int64)
         # the same facts as arrays over slots, so choosing among hundreds of slots is a few numpy ops
         self.slot_layer = np.full(num_slots, -1, np.int64)  # -1: free
         self.slot_expert = np.full(num_slots, -1, np.int64)
@@ -35,8 +35,25 @@ class SlotTable:
         """The pinned slots."""
         return set(np.flatnonzero(self.pinned_mask).tolist())
 
+    @property
+    def resident(self) -> np.ndarray:
+        """bool[layers, experts]: the keys that hold a slot (what a planner reads without building sets)."""
+        return self.slot_index >= 0
+
     def lookup(self, key: ExpertKey) -> int | None:
         return self.slot_of.get(key)
+
+    def slots_of(self, layers, experts: np.ndarray) -> np.ndarray:
+        """layers: one layer (int) or int[n]; experts: int[n] -> int64[n], each key's slot (-1: none)."""
+        index = self.slot_index
+        try:
+            return index[layers, experts]
+        except IndexError:  # a key beyond every key seen so far
+            layers = np.broadcast_to(layers, experts.shape)
+            inside = (layers < index.shape[0]) & (experts < index.shape[1])
+            out = np.full(len(experts), -1, np.int64)
+            out[inside] = index[layers[inside], experts[inside]]
+            return out
 
     def free_slots(self) -> list[int]:
         return np.flatnonzero(self.slot_layer < 0).tolist()
@@ -92,8 +109,13 @@ class SlotTable:
         self.pinned_mask[slot] = False
 
     def _mark(self, key: ExpertKey, present: bool) -> None:
-        if self.resident is not None:
-            self.resident[key] = present
+        """Records in `slot_index` that `key` now holds its slot (`slot_of`) or none."""
+        layer, expert = key
+        if layer >= self.slot_index.shape[0] or expert >= self.slot_index.shape[1]:
+            grown = np.full((max(layer + 1, self.slot_index.shape[0]), max(expert + 1, self.slot_index.shape[1])), -1, np.int64)
+            grown[: self.slot_index.shape[0], : self.slot_index.shape[1]] = self.slot_index
+            self.slot_index = grown
+        self.slot_index[layer, expert] = self.slot_of[key] if present else -1
 
     def pin(self, slot: int) -> None:
         self.pinned_mask[slot] = True
@@ -106,7 +128,6 @@ class SlotTable:
         assert len(self.slot_of) == sum(k is not None for k in self.key_in_slot)
         for key, slot in self.slot_of.items():
             assert self.key_in_slot[slot] == key
-        if self.resident is not None:
-            assert int(self.resident.sum()) == len(self.slot_of) and all(self.resident[k] for k in self.slot_of)
+        assert int(self.resident.sum()) == len(self.slot_of) and all(self.slot_index[k] == s for k, s in self.slot_of.items())
         for slot, key in enumerate(self.key_in_slot):
             assert (self.slot_layer[slot], self.slot_expert[slot]) == (key if key is not None else (-1, -1))
