@@ -181,16 +181,18 @@ class ExpertCache:
         with self._cond:
             self._pending = deque(k for k in dict.fromkeys(keys) if self.table.lookup(k) is None)
             self._protect = frozenset(protect) | frozenset(self._pending)
-            self._cond.notify_all()
+            if self._pending:  # the thread waits for work only; fewer pending keys need no wake-up
+                self._cond.notify_all()
 
     def resident_keys(self) -> set[ExpertKey]:
         with self._cond:
             return set(self.table.slot_of)
 
-    def resident_mask(self) -> np.ndarray:
-        """bool[layers, experts]: keys in the cache or in flight (needs `key_shape`)."""
+    def resident_mask(self, layers=None) -> np.ndarray:
+        """bool[layers, experts]: keys in the cache or in flight (rows: `layers`, an index array, or all)."""
         with self._cond:
-            return self.table.resident.copy()
+            index = self.table.slot_index
+            return (index if layers is None else index[layers]) >= 0
 
     def close(self) -> None:
         """Stops the transfer thread (after the copy in progress) and drops pending prefetches.

@@ -23,6 +23,7 @@ import numpy as np
 from scheduler.slot_table import ExpertKey
 
 MAX_HORIZON = 4
+_STEPS = np.arange(1, MAX_HORIZON + 1)
 
 
 @dataclass
@@ -44,11 +45,7 @@ class PlanContext:
 
     def targets(self, horizon: int) -> np.ndarray:
         """int[horizon]: the MoE positions pos + 1 .. pos + horizon (wrapping)."""
-        return (self.pos + np.arange(1, horizon + 1)) % self.num_positions
-
-    def resident_at_ranks(self, orders: np.ndarray) -> np.ndarray:
-        """orders: int[h, n] experts per horizon 1..h -> bool[h, n]: whether each is resident."""
-        return self.resident[self.targets(len(orders))[:, None], orders]
+        return (self.pos + _STEPS[:horizon]) % self.num_positions
 
 
 def fit_to_link(horizons: list[int], num_horizons: int, transfer_s: float, compute_s: float, min_benefit: float,
@@ -79,6 +76,8 @@ def link_reach(probs_absent: np.ndarray, absent: np.ndarray, transfer_s: float, 
     the largest h such that for every j < h the transfers layers 1..j are expected to need (absent experts
     times their calibrated P(used)) take less than those j layers' compute. A prefetch for a farther layer
     would still be in flight when a nearer layer's misses need the link."""
+    if len(probs_absent) <= 1:
+        return 1
     ratio = max(transfer_s, 1e-9) / max(compute_s, 1e-9)
     needs = np.cumsum((probs_absent * absent).sum(axis=1)) * ratio
     h = 1
@@ -131,54 +130,57 @@ class _Feedback:
         self.pending = np.zeros((num_positions, MAX_HORIZON), bool)
         self._rows = np.arange(MAX_HORIZON)[:, None]
 
-    def remember(self, ctx: PlanContext) -> tuple[np.ndarray, np.ndarray]:
+    def remember(self, ctx: PlanContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Records this plan's full ranking per horizon -> (orders int[H, E] best first,
-        `rank_probabilities(top_k)` float32[H, E])."""
+        `rank_probabilities(top_k)` float32[H, E], absent bool[H, E]: whether each ranked expert is out
+        of the cache)."""
         horizon, num_experts = ctx.scores.shape
         if self.ranked is None or self.ranked.shape[0] != ctx.num_positions or self.used.shape[1] != num_experts:
             self._allocate(ctx.num_positions, num_experts)
         self.top_k = ctx.top_k
         orders = np.argsort(-ctx.scores, axis=1, kind="stable")
-        probs = self.rank_probabilities(ctx.top_k)[:horizon]
+        probs = self.rank_probabilities(ctx.top_k, horizon=horizon)
         targets = ctx.targets(horizon)
-        rows = self._rows[:horizon]
-        js = rows[:, 0]
-        self.ranked[targets, js] = orders
-        self.ranked_absent[targets, js] = ~ctx.resident[targets[:, None], orders]
-        self.pending[targets, js] = True
+        absent = ~ctx.resident[targets[:, None], orders]
         by_expert = np.empty_like(probs)
-        by_expert[rows, orders] = probs
-        # a layer further than one token ahead is not its next occurrence
-        nearest = min(horizon, ctx.num_positions - 1)
-        self.use_probability = {ctx.layer_of_pos[t]: by_expert[j] for j, t in enumerate(targets[:nearest].tolist())}
-        return orders, probs
+        by_expert[self._rows[:horizon], orders] = probs
+        use_probability = {}
+        for j, target in enumerate(targets.tolist()):  # a few horizons: basic indexing, no fancy-index setup
+            self.ranked[target, j] = orders[j]
+            self.ranked_absent[target, j] = absent[j]
+            self.pending[target, j] = True
+            if j < ctx.num_positions - 1:  # a layer further than one token ahead is not its next occurrence
+                use_probability[ctx.layer_of_pos[target]] = by_expert[j]
+        self.use_probability = use_probability
+        return orders, probs, absent
 
     def feedback(self, pos: int, experts) -> None:
-        """The experts MoE position `pos` really routed to: updates the running recall of the horizon-1
-        top-k and the rank counts of every ranking that targeted it."""
+        """The experts MoE position `pos` really routed to (int[n], distinct): updates the running recall of
+        the horizon-1 top-k and the rank counts of every ranking that targeted it."""
         if self.pending is None:
             return
-        rows = np.flatnonzero(self.pending[pos])
-        if not len(rows):
+        pending = self.pending[pos]
+        rows = [j for j, waiting in enumerate(pending.tolist()) if waiting]
+        if not rows:
             return
-        self.pending[pos] = False
+        pending[:] = False
         mask = np.zeros(self.used.shape[1], bool)
-        mask[np.asarray(experts, np.int64)] = True
-        orders = self.ranked[pos, rows]  # [n, E]
-        hit = mask[orders]
-        if rows[0] == 0:  # the horizon-1 top-k's share of what was used
-            self.recall = 0.9 * self.recall + 0.1 * hit[0, : self.top_k].sum() / mask.sum()
-        absent = self.ranked_absent[pos, rows]
-        self.used[rows] += hit
-        self.seen[rows] += 1
-        self.used_absent[rows] += hit & absent
-        self.seen_absent[rows] += absent
+        mask[experts] = True
+        for j in rows:  # a few horizons: basic indexing, in place
+            hit = mask[self.ranked[pos, j]]
+            if j == 0:  # the horizon-1 top-k's share of what was used
+                self.recall = 0.9 * self.recall + 0.1 * np.count_nonzero(hit[: self.top_k]) / len(experts)
+            absent = self.ranked_absent[pos, j]
+            self.used[j] += hit
+            self.seen[j] += 1
+            self.used_absent[j] += hit & absent
+            self.seen_absent[j] += absent
 
-    def rank_probabilities(self, top_k: int, absent: bool = False) -> np.ndarray:
-        """float32[H, E]: calibrated P(used) of the expert at each rank, per horizon (absent: of one that
-        is not resident)."""
+    def rank_probabilities(self, top_k: int, absent: bool = False, horizon: int = MAX_HORIZON) -> np.ndarray:
+        """float32[horizon, E]: calibrated P(used) of the expert at each rank, per horizon 1..horizon
+        (absent: of one that is not resident)."""
         used, seen = (self.used_absent, self.seen_absent) if absent else (self.used, self.seen)
-        return ((used + self._prior(top_k)) / (seen + 2)).astype(np.float32)
+        return ((used[:horizon] + self._prior(top_k)[:horizon]) / (seen[:horizon] + 2)).astype(np.float32)
 
     def _prior(self, top_k: int) -> np.ndarray:
         """float64[H, E]: the prior P(used) by rank: 0.85 in the top-k, 0.25 up to 2k, top_k/E * 0.25 beyond,
@@ -202,7 +204,7 @@ class TopKPrefetch(_Feedback):
 
     def plan(self, ctx: PlanContext):
         width = self.width or ctx.top_k
-        orders, _ = self.remember(ctx)
+        orders, _, _ = self.remember(ctx)
         keys = [ctx.key(j, e) for j in range(1, ctx.scores.shape[0] + 1) for e in orders[j - 1, :width].tolist()]
         keys = keys[: ctx.num_slots - ctx.top_k]  # never plan more than the cache can hold beside the running layer
         return keys, set(keys)
@@ -251,17 +253,16 @@ class PreSched(_Feedback):
 
     def plan(self, ctx: PlanContext):
         k = ctx.top_k
-        orders, probs = self.remember(ctx)
-        absent = ~ctx.resident_at_ranks(orders)
-        p_absent_all = self.rank_probabilities(k, absent=True)[: len(orders)]
+        orders, probs, absent = self.remember(ctx)
+        p_absent_all = self.rank_probabilities(k, absent=True, horizon=len(orders))
         horizon = link_reach(p_absent_all, absent, ctx.transfer_s, ctx.layer_compute_s)
         top = orders[:horizon, : 2 * k]  # [H, 2k]
-        resident = ~absent[:horizon, : 2 * k]
-        probs = probs[:horizon]
+        top_absent = absent[:horizon, : 2 * k]
         p_absent = p_absent_all[:horizon, : top.shape[1]]
-        rows, ranks = np.nonzero(resident & (probs[:, : top.shape[1]] >= self.PROTECT_P))
-        protect = {ctx.key(j + 1, top[j, r]) for j, r in zip(rows.tolist(), ranks.tolist())}
-        cand_j, cand_r = np.nonzero(~resident & (p_absent >= self.MIN_P))
+        rows, ranks = np.nonzero(~top_absent & (probs[:horizon, : top.shape[1]] >= self.PROTECT_P))
+        top_list = top.tolist()
+        protect = {ctx.key(j + 1, top_list[j][r]) for j, r in zip(rows.tolist(), ranks.tolist())}
+        cand_j, cand_r = np.nonzero(top_absent & (p_absent >= self.MIN_P))
         cand_p = p_absent[cand_j, cand_r]
         order = np.lexsort((cand_j, -cand_p)).tolist()  # decreasing p, nearer first on ties
         capacity = max(0, ctx.num_slots - k - len(protect))
@@ -304,19 +305,18 @@ class Adaptive(_Feedback):
 
     def plan(self, ctx: PlanContext):
         k = ctx.top_k
-        orders, _ = self.remember(ctx)
+        orders, _, absent = self.remember(ctx)
         probs = self.rank_probabilities(k, absent=True)
         ratio = max(ctx.transfer_s, 1e-9) / max(ctx.layer_compute_s, 1e-9)
         reach = int(min(len(orders), max(1, math.ceil(k * ratio))))
-        reach = min(reach, link_reach(probs[: len(orders)], ~ctx.resident_at_ranks(orders), ctx.transfer_s,
-                                      ctx.layer_compute_s))
+        reach = min(reach, link_reach(probs[: len(orders)], absent, ctx.transfer_s, ctx.layer_compute_s))
         h = 1
         while h < reach and probs[h, 0] >= self.LINK_BOUND_MIN_P:
             h += 1
         width = min(2 * k, k + math.ceil(max(0.0, self.TARGET_RECALL - self.recall) * 2 * k))
         self.current_horizon, self.current_width = h, width
         top = orders[:h, :width]
-        fetch = ~ctx.resident_at_ranks(top)
+        fetch = absent[:h, :width].copy()
         if k * ratio >= 1.0:  # link-bound
             fetch &= probs[:h, :width] >= self.LINK_BOUND_MIN_P
         protect = {ctx.key(j + 1, e) for j, row in enumerate(top.tolist()) for e in row}
