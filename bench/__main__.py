@@ -4,6 +4,7 @@
     python -m bench policies ...     every policy x cache size on a converted model (bench.policies)
     python -m bench replay ...       scheduling quality of every policy in virtual time, no noise (bench.replay)
     python -m bench predictor-cost   a predictor's cost per layer, on the host and fused (bench.predictor_cost)
+    python -m bench host-overhead    the engine's host work per MoE layer where compute is negligible (bench.host_overhead)
     python -m bench convert-rss ...  peak memory of the converter on a multi-GB checkpoint (bench.convert_rss)
 
 `python -m bench SUBCOMMAND --help` lists each one's flags.
@@ -15,7 +16,8 @@ import importlib
 import sys
 
 SUBCOMMANDS = {"sizes": "bench.sizes", "policies": "bench.policies", "replay": "bench.replay",
-               "predictor-cost": "bench.predictor_cost", "convert-rss": "bench.convert_rss"}
+               "predictor-cost": "bench.predictor_cost", "host-overhead": "bench.host_overhead",
+               "convert-rss": "bench.convert_rss"}
 
 
 def main(argv: list[str] | None = None) -> int:

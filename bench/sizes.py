@@ -428,9 +428,7 @@ def run_shape(name: str, args, source, trace_path, peer: dict, budget: Budget, o
     import jax
 
     from bench.policies import run_engine
-    from bench.synthetic import (
-        NOTICE, AllHits, Replay, ReplayLookahead, SyntheticModel, layers_fitting_host, lookahead_recall, routing_tables,
-    )
+    from bench.synthetic import NOTICE, AllHits, SyntheticModel, layers_fitting_host, replayed_routing
 
     notes: list[str] = []
     layers = args.layers
@@ -478,21 +476,8 @@ def run_shape(name: str, args, source, trace_path, peer: dict, budget: Budget, o
     report["bandwidth"] = bw = measure_bandwidth(store, device, args.bandwidth_repeats)
     bandwidth = bw["pinned_host_gbps"] * 1e9
 
-    rng = np.random.default_rng(args.seed)
-    prompts = [rng.integers(3, cfg.vocab_size, args.prompt_tokens).tolist() for _ in range(args.prompts + 1)]
-    tables, routing = routing_tables(source, cfg, len(prompts), args.prompt_tokens + args.tokens, args.seed)
-    report["routing"] = routing
-    replay = Replay(tables, cfg.moe_layer_ids)
-    predictor = args.predictor
-    if predictor == "replay-lookahead":
-        recall, recall_from = lookahead_recall(trace_path)
-        predictor = ReplayLookahead(replay, cfg.num_experts, recall, args.seed)
-        for i in range(len(prompts)):  # precomputed now, not inside a timed generation
-            predictor.ranked(i)
-        routing["predictor"] = (f"replay-lookahead: the replayed future routing degraded to recall@k "
-                                f"{', '.join(f'{r:.2f}' for r in recall)} at horizons 1-{len(recall)} (from {recall_from})")
-    else:
-        routing["predictor"] = args.predictor + (" (reads the random routers: meaningless here)" if args.predictor == "gate-lookahead" else "")
+    prompts, replay, predictor, report["routing"] = replayed_routing(
+        cfg, source, trace_path, args.predictor, args.prompts + 1, args.prompt_tokens, args.tokens, args.seed)
     measured = list(range(1, len(prompts)))
     decode_tokens = args.tokens - 1
     write()

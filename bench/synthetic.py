@@ -551,6 +551,27 @@ def routing_tables(source: RoutingSource | None, cfg: ModelConfig, num_prompts: 
     return tables, info
 
 
+def replayed_routing(cfg: ModelConfig, source: RoutingSource | None, trace_path, predictor: str, num_prompts: int,
+                     prompt_tokens: int, tokens: int, seed: int):
+    """Random prompts and their replayed routing (`routing_tables`) -> (prompts, Replay, the predictor for
+    the prefetching policies: a ReplayLookahead for "replay-lookahead", else the spec string, routing info)."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, cfg.vocab_size, prompt_tokens).tolist() for _ in range(num_prompts)]
+    tables, routing = routing_tables(source, cfg, num_prompts, prompt_tokens + tokens, seed)
+    replay = Replay(tables, cfg.moe_layer_ids)
+    if predictor == "replay-lookahead":
+        recall, recall_from = lookahead_recall(trace_path)
+        spec = predictor
+        predictor = ReplayLookahead(replay, cfg.num_experts, recall, seed)
+        for i in range(num_prompts):  # precomputed now, not inside a timed generation
+            predictor.ranked(i)
+        routing["predictor"] = (f"{spec}: the replayed future routing degraded to recall@k "
+                                f"{', '.join(f'{r:.2f}' for r in recall)} at horizons 1-{len(recall)} (from {recall_from})")
+    else:
+        routing["predictor"] = predictor + (" (reads the random routers: meaningless here)" if predictor == "gate-lookahead" else "")
+    return prompts, replay, predictor, routing
+
+
 def host_bytes_available() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -179,8 +179,9 @@ class ExpertCache:
         self._raise_if_failed()
         self._start()
         with self._cond:
-            self._pending = deque(k for k in dict.fromkeys(keys) if self.table.lookup(k) is None)
-            self._protect = frozenset(protect) | frozenset(self._pending)
+            lookup = self.table.slot_of.get
+            self._pending = deque(k for k in dict.fromkeys(keys) if lookup(k) is None) if keys else deque()
+            self._protect = frozenset(protect) | frozenset(self._pending) if self._pending else frozenset(protect)
             if self._pending:  # the thread waits for work only; fewer pending keys need no wake-up
                 self._cond.notify_all()
 

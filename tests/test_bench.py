@@ -35,3 +35,20 @@ def test_predictor_cost_smoke(converted_model, tmp_path):
     assert report["resident_decode_step_us"] > 0
     assert "gate-lookahead" in (tmp_path / "predictor_cost.md").read_text()
     assert bench_main(["predictor-cost", "--model", str(model_dir), "--calls", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_host_overhead_smoke(tmp_path):
+    from bench.__main__ import main as bench_main
+
+    rc = bench_main(["host-overhead", "--shape", "olmoe-1b-7b", "--layers", "2", "--tokens", "3", "--prompts", "1",
+                     "--repeats", "1", "--policies", "on-demand,presched", "--out", str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / "host_overhead.json").read_text())
+    assert [r["policy"] for r in report["runs"]] == ["on-demand", "presched"]
+    for r in report["runs"]:
+        assert r["decode_hit_rate"] == 1.0  # every expert cached and warm: the figure is host work, not transfers
+        assert r["us_per_moe_layer"] > 0 and r["breakdown_us"]["total"] > 0
+        assert all(v >= 0 for k, v in r["breakdown_us"].items() if k != "rest")
+    assert report["resident_us_per_moe_layer"] > 0
+    assert "SYNTHETIC WEIGHTS" in (tmp_path / "host_overhead.md").read_text()
+    assert bench_main(["host-overhead", "--policies", "oracle", "--out", str(tmp_path)]) == 2
