@@ -165,7 +165,7 @@ def run(args) -> int:
 
 def markdown(report: dict) -> str:
     lines = [f"# Host overhead per MoE layer — {report['shape']} ({report['experts']}) on {report['device']}", "",
-             f"**{report['notice']}** Widths scaled by {report['reduced']['scale']:g}, so compute is negligible and "
+             f"**{report['notice'].rstrip('.')}.** Widths scaled by {report['reduced']['scale']:g}, so compute is negligible and "
              "a decode step is almost all host work; every expert cached (decode hit rate in the table).", "",
              f"Resident engine (one whole-model program per token): {report['resident_us_per_moe_layer']:.0f} us per MoE layer.", "",
              "| policy | us per MoE layer | x resident | hit rate | ensure | routing, rest | dispatch | planning | rest |",
