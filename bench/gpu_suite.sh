@@ -6,7 +6,8 @@
 #
 # Results land in $OUT/results/<device>/ (default: /tmp/jaxmoe-gpu-suite), ready to copy into
 # bench/results/<device>/; re-draw plots here with `python -m bench sizes --plot-only FILE.json`.
-#   1  predictor cost fused vs host (the < 5% target), host work per MoE layer (Qwen3 and Mixtral shapes)
+#   1  predictor cost fused vs host (the < 5% target), host work per MoE layer (Qwen3 and Mixtral shapes),
+#      with a jax.profiler trace of one Qwen3-shape generation (where the H100's 1.2 ms per layer goes)
 #   2  Qwen3-30B-A3B: 10/25/50/100% cache, on-demand / presched / oracle, resident (58 GB experts fit an 80 GB GPU)
 #   3  Mixtral-8x7B at 50%: the policies the last run's time budget cut (lfu, prefetch, presched, oracle)
 #   4  OLMoE-1B-7B and DeepSeek-V2-Lite: every cache size, every policy, resident
@@ -28,7 +29,7 @@ case "$step" in
   1)
     if [[ "${SMOKE:-0}" == 1 ]]; then cost=(--calls 5); else cost=(); fi
     python -m bench predictor-cost --out "$out" "${cost[@]}"
-    python -m bench host-overhead --out "$out" "${small[@]}"
+    python -m bench host-overhead --out "$out" --profile "$out/trace-host-overhead" "${small[@]}"
     python -m bench host-overhead --shape mixtral-8x7b --name host_overhead-mixtral --out "$out" "${small[@]}"
     ;;
   2) sizes --shape qwen3-30b-a3b --cache 0.1,0.25,0.5,1.0 --policies on-demand,presched,oracle --tokens 16 ;;

@@ -1,7 +1,7 @@
 """Host overhead per MoE layer: what the offloaded engine costs where compute costs almost nothing.
 
     python -m bench host-overhead [--shape qwen3-30b-a3b] [--scale 0.01] [--policies on-demand,presched,...]
-                                  [--tokens 16] [--prompts 2] [--repeats 3] [--out DIR]
+                                  [--tokens 16] [--prompts 2] [--repeats 3] [--out DIR] [--profile TRACE_DIR]
 
 The offloaded engine goes to the host once per MoE layer: the routing decision comes back, `ensure` finds
 (or loads) the experts' slots, the layer's program is dispatched, then the planner reads the predictor's
@@ -131,6 +131,11 @@ def run(args) -> int:
         for prompt in prompts:  # compile, and load every expert the measured passes use
             driver.generate(prompt, args.tokens)
         passes, stats = per_layer_seconds(driver, prompts, args.tokens, moe_layers, args.repeats)
+        if args.profile is not None and policy == policies[0]:
+            import jax.profiler
+
+            with jax.profiler.trace(str(args.profile)):  # one generation: the timeline of host and device per layer
+                driver.generate(prompts[0], args.tokens)
         row = {"policy": policy, "us_per_moe_layer": 1e6 * statistics.median(passes),
                "us_per_moe_layer_all_passes": [1e6 * p for p in passes], "decode_hit_rate": stats["hit_rate"],
                "breakdown_us": {k: 1e6 * v for k, v in breakdown(engine, driver, prompts, args.tokens).items()}}
@@ -197,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="directory for NAME.json and NAME.md (default bench/results/<device>)")
     p.add_argument("--name", default="host_overhead")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="also write a jax.profiler trace of one generation of the first policy to this directory")
     return run_cli(run, p.parse_args(argv))
 
 

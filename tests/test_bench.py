@@ -41,8 +41,10 @@ def test_host_overhead_smoke(tmp_path):
     from bench.__main__ import main as bench_main
 
     rc = bench_main(["host-overhead", "--shape", "olmoe-1b-7b", "--layers", "2", "--tokens", "3", "--prompts", "1",
-                     "--repeats", "1", "--policies", "on-demand,presched", "--out", str(tmp_path)])
+                     "--repeats", "1", "--policies", "on-demand,presched", "--out", str(tmp_path),
+                     "--profile", str(tmp_path / "trace")])
     assert rc == 0
+    assert list((tmp_path / "trace").rglob("*.xplane.pb"))  # the profiler trace of one generation
     report = json.loads((tmp_path / "host_overhead.json").read_text())
     assert [r["policy"] for r in report["runs"]] == ["on-demand", "presched"]
     for r in report["runs"]:
