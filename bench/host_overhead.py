@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from jaxmoe.errors import JaxmoeError, run_cli
 
@@ -94,7 +92,7 @@ def breakdown(engine, driver, prompts, tokens: int) -> dict:
 def run(args) -> int:
     import jax
 
-    from bench.policies import device_name
+    from bench.policies import save_report
     from bench.shapes import SHAPE_NAMES, model_config
     from bench.sizes import ReplayDriver, resolve_trace, versions
     from bench.synthetic import NOTICE, SyntheticModel, replayed_routing
@@ -159,11 +157,8 @@ def run(args) -> int:
         "runs": rows,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    out_dir = args.out or Path(__file__).parent / "results" / device_name()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
-    (out_dir / f"{args.name}.md").write_text(table)
+    save_report(report, table, args.out, args.name)
     print(table)
     return 0
 

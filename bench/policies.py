@@ -38,6 +38,16 @@ def device_name() -> str:
     return d.device_kind.lower().replace(" ", "-") if d.platform != "cpu" else "cpu"
 
 
+def save_report(report: dict, table: str, out_dir: Path | None, name: str) -> Path:
+    """Writes NAME.json (the report) and NAME.md (its table) under `out_dir` (default
+    bench/results/<device>/) -> the directory."""
+    out_dir = out_dir or Path(__file__).parent / "results" / device_name()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(table)
+    return out_dir
+
+
 def make_prompts(engine, count: int, length: int, seed: int = 0) -> list[list[int]]:
     """Code prompts from CPython's standard library when the model has a tokenizer, else random ids."""
     rng = np.random.default_rng(seed)
@@ -186,11 +196,8 @@ def run(args) -> int:
         "runs": rows,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    out_dir = args.out or Path(__file__).parent / "results" / device_name()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown_table(report)
-    (out_dir / f"{args.name}.md").write_text(table)
+    save_report(report, table, args.out, args.name)
     print(table)
     return 0
 

@@ -16,7 +16,6 @@ predictor_cost.md under `--out` (default bench/results/<device>/).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 import jaxmoe
-from bench.policies import device_name, make_prompts
+from bench.policies import make_prompts, save_report
 from bench.sizes import device_info, versions
 from jaxmoe.errors import JaxmoeError, run_cli
 from jaxmoe.offload import embed_tokens, moe_front
@@ -155,10 +154,7 @@ def run(args) -> int:
               "moe_layers": len(engine.cfg.moe_layer_ids), "calls": args.calls, "rows": rows,
               "device": device_info(jax.devices()[0]), "versions": versions()}
     print(markdown(report))
-    out = args.out or Path("bench/results") / device_name()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "predictor_cost.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "predictor_cost.md").write_text(markdown(report) + "\n")
+    out = save_report(report, markdown(report) + "\n", args.out, "predictor_cost")
     print(f"wrote {out / 'predictor_cost.json'} and .md", file=sys.stderr)
     return 0
 

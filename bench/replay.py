@@ -19,7 +19,6 @@ Prefill is replayed to warm the cache (every policy the same way, no timing).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import deque
@@ -287,7 +286,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from bench.policies import add_ratios, make_prompts, resolve_model_and_policies
+    from bench.policies import add_ratios, make_prompts, resolve_model_and_policies, save_report
 
     policies = resolve_model_and_policies(args)
     if args.link_ratio <= 0:
@@ -313,9 +312,7 @@ def run(args) -> int:
     table = markdown_table(report)
     print(table)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / f"{args.name}.md").write_text(table)
+        save_report(report, table, args.out, args.name)
     return 0
 
 

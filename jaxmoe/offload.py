@@ -388,8 +388,8 @@ class OffloadEngine:
     def _route(self, layer: int, flat, ids, weights, features, valid_rows: np.ndarray):
         """Host side of one MoE layer: the routing decision to the host (the only device->host copy),
         experts loaded in groups of at most num_slots. -> (slot_ids int32[N, k] of the last group,
-        routed output [N, d] of the earlier groups or None, kernel, needed, ids_host, packed features
-        (`moe_front`) or None)."""
+        routed output [N, d] of the earlier groups or None, kernel, needed, valid_ids int32[n, k] (the real
+        tokens' routing), packed features (`moe_front`) or None)."""
         packed = None
         if self._decoding and self.predictor is not None:  # the routing plus the predictor's inputs or scores
             packed = np.asarray(features)
@@ -398,7 +398,8 @@ class OffloadEngine:
             ids_host = np.asarray(ids)  # [N, k]
         if self.routing_override is not None:
             ids_host = np.asarray(self.routing_override(layer, np.atleast_1d(self._position), ids_host), np.int32)
-        needed = distinct_sorted(ids_host if len(valid_rows) == 1 else ids_host[valid_rows])
+        valid_ids = ids_host if len(valid_rows) == 1 else ids_host[valid_rows]  # [n_valid, k]
+        needed = distinct_sorted(valid_ids)
         tokens = flat.shape[0]
         # prefill: one static group count per chunk length, so only the rows bucket varies between compiles
         max_groups = min(self.cfg.num_experts, self.num_slots, tokens * self.cfg.num_experts_per_tok)
@@ -419,23 +420,23 @@ class OffloadEngine:
             with self._slots_lock:
                 part = routed_over_slots(flat, slot_ids, weights, self.slots, kernel)
             routed = part if routed is None else routed + part
-        return slot_ids, routed, kernel, needed, ids_host, packed
+        return slot_ids, routed, kernel, needed, valid_ids, packed
 
-    def _after_layer(self, pos: int, needed, ids_host, valid_rows, packed) -> None:
-        """Bookkeeping and the next transfers, while the device computes what was just dispatched."""
+    def _after_layer(self, pos: int, needed, valid_ids, packed) -> None:
+        """Bookkeeping and the next transfers, while the device computes what was just dispatched.
+        valid_ids: int32[n, k], the routing of the chunk's real tokens (one in decode)."""
         self.planner.feedback(pos, needed)
         if self.predictor is not None and self._scorer is None:
             # history: this token's experts (in prefill: the last prompt token's); a fused predictor
             # observed them on the device
-            self.predictor.observe(pos, needed if self._decoding else ids_host[np.flatnonzero(valid_rows)[-1]])
+            self.predictor.observe(pos, needed if self._decoding else valid_ids[-1])
         scores = self._plan_prefetch(pos, packed)
         if self.layer_observer is not None:
-            self.layer_observer(pos, self._decoding, ids_host[valid_rows], scores)
+            self.layer_observer(pos, self._decoding, valid_ids, scores)
         eviction = self.cache.policy
         eviction.set_predictions(self.planner.use_probability)
-        rows = ids_host if len(valid_rows) == 1 else ids_host[valid_rows]
-        tokens = max(len(rows), 1)
-        eviction.observe(pos, np.bincount(rows.reshape(-1), minlength=self.cfg.num_experts) / tokens, tokens)
+        tokens = max(len(valid_ids), 1)
+        eviction.observe(pos, np.bincount(valid_ids.reshape(-1), minlength=self.cfg.num_experts) / tokens, tokens)
 
     def _plan_prefetch(self, pos: int, packed):
         """Queues the next transfers while the device computes this layer -> the predictor's scores
@@ -524,7 +525,7 @@ class OffloadEngine:
                 h, self._kv[i], *rest = moe_front(g, state, h, self._kv[i], positions, **self._scorer_args(i, valid_rows))
                 front = (h, *rest)
             h, flat, ids, weights, features, self._scorer_state = front
-            slot_ids, partial_routed, kernel, needed, ids_host, packed = self._route(
+            slot_ids, partial_routed, kernel, needed, valid_ids, packed = self._route(
                 i, flat, ids, weights, features, valid_rows)
             nxt = i + 1
             if nxt < num_layers and parts[nxt][0]:
@@ -545,7 +546,7 @@ class OffloadEngine:
                     routed = routed + partial_routed
                 h = moe_back(g, state, h, flat, routed)
                 front = None
-            self._after_layer(self.pos_of_layer[i], needed, ids_host, valid_rows, packed)
+            self._after_layer(self.pos_of_layer[i], needed, valid_ids, packed)
         return h
 
     def _init_kv(self, i: int, dtype) -> None:

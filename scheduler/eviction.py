@@ -19,30 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scheduler.slot_table import ExpertKey, SlotTable
-
-
-def _grow(table: np.ndarray, key: ExpertKey, fill) -> np.ndarray:
-    """`table` [layers, experts], enlarged (with `fill`) so that `key` indexes it."""
-    layers, experts = max(table.shape[0], key[0] + 1), max(table.shape[1], key[1] + 1)
-    if (layers, experts) == table.shape:
-        return table
-    grown = np.full((layers, experts), fill, table.dtype)
-    grown[: table.shape[0], : table.shape[1]] = table
-    return grown
-
-
-def _max_key(layers, experts: np.ndarray) -> ExpertKey:
-    """The largest layer and expert of a non-empty batch of keys (layers: one int or int[n])."""
-    return (layers if isinstance(layers, (int, np.integer)) else int(layers.max())), int(experts.max())
-
-
-def _lookup(table: np.ndarray, layers: np.ndarray, experts: np.ndarray, fill) -> np.ndarray:
-    """table[layers, experts] where in range, else `fill` (keys never touched)."""
-    inside = (layers < table.shape[0]) & (experts < table.shape[1])
-    out = np.full(len(layers), fill, table.dtype)
-    out[inside] = table[layers[inside], experts[inside]]
-    return out
+from scheduler.slot_table import ExpertKey, SlotTable, grown_to, lookup_or, shape_for
 
 
 class LRU:
@@ -62,7 +39,7 @@ class LRU:
         try:
             self._stamp[layers, experts] = stamps
         except IndexError:  # a key beyond every key seen so far
-            self._stamp = _grow(self._stamp, _max_key(layers, experts), -1)
+            self._stamp = grown_to(self._stamp, shape_for(layers, experts), -1)
             self._stamp[layers, experts] = stamps
         self._clock += len(experts)
 
@@ -73,7 +50,7 @@ class LRU:
 
     def stamps(self, table: SlotTable, candidates: np.ndarray) -> np.ndarray:
         """int64[C]: the last use of the key in each candidate slot (-1: never used)."""
-        return _lookup(self._stamp, table.slot_layer[candidates], table.slot_expert[candidates], -1)
+        return lookup_or(self._stamp, table.slot_layer[candidates], table.slot_expert[candidates], -1)
 
     def at_step(self, pos: int, step: int) -> None:
         """The `step`-th expert request of the run (0-based, over the whole run), for MoE position `pos`,
@@ -107,12 +84,12 @@ class LFU(LRU):
     def touch_many(self, layers, experts: np.ndarray) -> None:
         super().touch_many(layers, experts)
         if self._count.shape != self._stamp.shape:
-            self._count = _grow(self._count, (self._stamp.shape[0] - 1, self._stamp.shape[1] - 1), 0)
+            self._count = grown_to(self._count, self._stamp.shape, 0)
         self._count[layers, experts] += 1  # distinct keys: no repeated index
 
     def victim(self, table: SlotTable, candidates=None) -> int:
         candidates = _candidates(table, candidates)
-        uses = _lookup(self._count, table.slot_layer[candidates], table.slot_expert[candidates], 0)
+        uses = lookup_or(self._count, table.slot_layer[candidates], table.slot_expert[candidates], 0)
         return int(candidates[np.lexsort((self.stamps(table, candidates), uses))[0]])  # fewest uses, then oldest
 
 

@@ -13,6 +13,31 @@ import numpy as np
 ExpertKey = tuple[int, int]
 
 
+def shape_for(layers, experts: np.ndarray) -> tuple[int, int]:
+    """The [layers, experts] shape a non-empty batch of keys needs (layers: one int or int[n])."""
+    top_layer = layers if isinstance(layers, (int, np.integer)) else int(layers.max())
+    return int(top_layer) + 1, int(experts.max()) + 1
+
+
+def grown_to(table: np.ndarray, shape: tuple[int, int], fill) -> np.ndarray:
+    """`table` [layers, experts], enlarged with `fill` to at least `shape` (itself if already that big)."""
+    shape = (max(table.shape[0], shape[0]), max(table.shape[1], shape[1]))
+    if shape == table.shape:
+        return table
+    grown = np.full(shape, fill, table.dtype)
+    grown[: table.shape[0], : table.shape[1]] = table
+    return grown
+
+
+def lookup_or(table: np.ndarray, layers, experts: np.ndarray, fill) -> np.ndarray:
+    """table[layers, experts] where in range, else `fill` (keys beyond every key seen); layers: int or int[n]."""
+    layers = np.broadcast_to(layers, experts.shape)
+    inside = (layers < table.shape[0]) & (experts < table.shape[1])
+    out = np.full(len(experts), fill, table.dtype)
+    out[inside] = table[layers[inside], experts[inside]]
+    return out
+
+
 class SlotTable:
     """key_shape: (layers, experts) bounds of the keys, if known (the index grows to fit any key)."""
 
@@ -45,15 +70,10 @@ class SlotTable:
 
     def slots_of(self, layers, experts: np.ndarray) -> np.ndarray:
         """layers: one layer (int) or int[n]; experts: int[n] -> int64[n], each key's slot (-1: none)."""
-        index = self.slot_index
         try:
-            return index[layers, experts]
+            return self.slot_index[layers, experts]
         except IndexError:  # a key beyond every key seen so far
-            layers = np.broadcast_to(layers, experts.shape)
-            inside = (layers < index.shape[0]) & (experts < index.shape[1])
-            out = np.full(len(experts), -1, np.int64)
-            out[inside] = index[layers[inside], experts[inside]]
-            return out
+            return lookup_or(self.slot_index, layers, experts, -1)
 
     def free_slots(self) -> list[int]:
         return np.flatnonzero(self.slot_layer < 0).tolist()
@@ -111,10 +131,7 @@ class SlotTable:
     def _mark(self, key: ExpertKey, present: bool) -> None:
         """Records in `slot_index` that `key` now holds its slot (`slot_of`) or none."""
         layer, expert = key
-        if layer >= self.slot_index.shape[0] or expert >= self.slot_index.shape[1]:
-            grown = np.full((max(layer + 1, self.slot_index.shape[0]), max(expert + 1, self.slot_index.shape[1])), -1, np.int64)
-            grown[: self.slot_index.shape[0], : self.slot_index.shape[1]] = self.slot_index
-            self.slot_index = grown
+        self.slot_index = grown_to(self.slot_index, (layer + 1, expert + 1), -1)
         self.slot_index[layer, expert] = self.slot_of[key] if present else -1
 
     def pin(self, slot: int) -> None:
