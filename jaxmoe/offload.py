@@ -281,6 +281,10 @@ class OffloadEngine:
         # Benchmarks only (bench.replay): called after each MoE layer with (pos, decoding, ids int32[N, k] of
         # the valid rows, predictor scores float32[H, E] or None) to record a run for replay.
         self.layer_observer = None
+        # decode: plan the next layer's prefetches before dispatching this layer even when it waits for
+        # no transfer (see `_route`); otherwise only while it waits
+        self.plan_before_dispatch = False
+        self._last_scores = None
 
     def _new_cache(self, planner, eviction) -> None:
         self.planner = planner
@@ -373,23 +377,29 @@ class OffloadEngine:
             self.slots = write_slot(self.slots, slot, on_device)
 
     # -- one MoE layer -------------------------------------------------------------------------------
-    def _ensure(self, layer: int, experts: np.ndarray) -> np.ndarray:
-        """experts: int[n] distinct, of MoE layer `layer` -> int64[n] their slots, once resident."""
+    def _ensure(self, layer: int, experts: np.ndarray, plan_ahead=None) -> np.ndarray:
+        """experts: int[n] distinct, of MoE layer `layer` -> int64[n] their slots, once resident.
+        plan_ahead: called once the missing experts are queued, before waiting for them (see `_route`);
+        -> whether it was called."""
         t0 = time.perf_counter()
         if self._last_layer_done is not None and self._decoding:
             compute = t0 - self._last_layer_done
             self._layer_compute_s = compute if self._layer_compute_s is None else 0.9 * self._layer_compute_s + 0.1 * compute
         self.cache.policy.at_step(self.pos_of_layer[layer], len(self._requests))
-        slots = self.cache.ensure_slots(layer, experts)
+        request = self.cache.request_slots(layer, experts)
         self._requests.append((layer, experts))
+        planned = plan_ahead is not None and (self.plan_before_dispatch or request.must_wait)
+        if planned:
+            plan_ahead()
+        self.cache.wait_for(request)
         self._last_layer_done = time.perf_counter()
-        return slots
+        return request.slots, planned
 
     def _route(self, layer: int, flat, ids, weights, features, valid_rows: np.ndarray):
         """Host side of one MoE layer: the routing decision to the host (the only device->host copy),
         experts loaded in groups of at most num_slots. -> (slot_ids int32[N, k] of the last group,
         routed output [N, d] of the earlier groups or None, kernel, needed, valid_ids int32[n, k] (the real
-        tokens' routing), packed features (`moe_front`) or None)."""
+        tokens' routing), packed features (`moe_front`) or None, whether the next transfers were planned)."""
         packed = None
         if self._decoding and self.predictor is not None:  # the routing plus the predictor's inputs or scores
             packed = np.asarray(features)
@@ -406,9 +416,16 @@ class OffloadEngine:
         routed = None
         groups = [needed] if len(needed) <= self.num_slots else [
             needed[start : start + self.num_slots] for start in range(0, len(needed), self.num_slots)]
+        planned = False
+        # decode: the next layer's prefetches are planned and queued as soon as this layer's misses are,
+        # so they start while this layer waits and computes (planned after the dispatch, they had only
+        # what is left of the layer's compute after the planning to land); without a stall to hide it
+        # under, the planning waits until the layer is dispatched unless `plan_before_dispatch`
+        plan_ahead = (lambda: self._plan_ahead(self.pos_of_layer[layer], needed, packed)) if self._decoding else None
         for n, group in enumerate(groups):
             lut = np.full(self.cfg.num_experts, -1, np.int32)
-            lut[group] = self._ensure(layer, group)
+            last = n == len(groups) - 1
+            lut[group], planned = self._ensure(layer, group, plan_ahead if last else None)
             slot_ids = lut[ids_host]
             if tokens <= GATHER_MAX_TOKENS:
                 kernel = "gather"
@@ -420,21 +437,33 @@ class OffloadEngine:
             with self._slots_lock:
                 part = routed_over_slots(flat, slot_ids, weights, self.slots, kernel)
             routed = part if routed is None else routed + part
-        return slot_ids, routed, kernel, needed, valid_ids, packed
+        return slot_ids, routed, kernel, needed, valid_ids, packed, planned
 
-    def _after_layer(self, pos: int, needed, valid_ids, packed) -> None:
-        """Bookkeeping and the next transfers, while the device computes what was just dispatched.
-        valid_ids: int32[n, k], the routing of the chunk's real tokens (one in decode)."""
+    def _plan_ahead(self, pos: int, needed, packed, valid_ids=None):
+        """Feedback on the predictions for MoE position `pos` (needed: the experts it routed to), then
+        the next transfers -> the predictor's scores float32[H, E] or None. valid_ids: the routing of a
+        prefill chunk's real tokens (None in decode)."""
         self.planner.feedback(pos, needed)
         if self.predictor is not None and self._scorer is None:
             # history: this token's experts (in prefill: the last prompt token's); a fused predictor
             # observed them on the device
-            self.predictor.observe(pos, needed if self._decoding else valid_ids[-1])
+            self.predictor.observe(pos, needed if valid_ids is None else valid_ids[-1])
         scores = self._plan_prefetch(pos, packed)
+        self.cache.policy.set_predictions(self.planner.use_probability)
+        self._last_scores = scores
+        return scores
+
+    def _after_layer(self, pos: int, needed, valid_ids, packed, planned: bool) -> None:
+        """Bookkeeping and, unless `_route` already planned them, the next transfers, while the device
+        computes what was just dispatched. valid_ids: int32[n, k], the routing of the chunk's real tokens
+        (one in decode)."""
+        if planned:
+            scores = self._last_scores
+        else:
+            scores = self._plan_ahead(pos, needed, packed, None if self._decoding else valid_ids)
         if self.layer_observer is not None:
             self.layer_observer(pos, self._decoding, valid_ids, scores)
         eviction = self.cache.policy
-        eviction.set_predictions(self.planner.use_probability)
         tokens = max(len(valid_ids), 1)
         eviction.observe(pos, np.bincount(valid_ids.reshape(-1), minlength=self.cfg.num_experts) / tokens, tokens)
 
@@ -525,7 +554,7 @@ class OffloadEngine:
                 h, self._kv[i], *rest = moe_front(g, state, h, self._kv[i], positions, **self._scorer_args(i, valid_rows))
                 front = (h, *rest)
             h, flat, ids, weights, features, self._scorer_state = front
-            slot_ids, partial_routed, kernel, needed, valid_ids, packed = self._route(
+            slot_ids, partial_routed, kernel, needed, valid_ids, packed, planned = self._route(
                 i, flat, ids, weights, features, valid_rows)
             nxt = i + 1
             if nxt < num_layers and parts[nxt][0]:
@@ -546,7 +575,7 @@ class OffloadEngine:
                     routed = routed + partial_routed
                 h = moe_back(g, state, h, flat, routed)
                 front = None
-            self._after_layer(self.pos_of_layer[i], needed, valid_ids, packed)
+            self._after_layer(self.pos_of_layer[i], needed, valid_ids, packed, planned)
         return h
 
     def _init_kv(self, i: int, dtype) -> None:

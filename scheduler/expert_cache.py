@@ -68,6 +68,21 @@ class CacheStats:
         }
 
 
+@dataclass
+class SlotRequest:
+    """One layer's `request_slots`: its keys (layers int or int[n], experts int[n]), their slots int64[n]
+    (valid once landed) and the transfers still to land."""
+
+    layers: object
+    experts: np.ndarray
+    slots: np.ndarray
+    waits: list
+
+    @property
+    def must_wait(self) -> bool:
+        return bool(self.waits)
+
+
 class ExpertCache:
     def __init__(self, num_slots: int, policy, load: Callable[[ExpertKey, int], None], expert_bytes: int,
                  link: EmulatedLink | None = None, key_shape: tuple[int, int] | None = None):
@@ -109,6 +124,15 @@ class ExpertCache:
     def ensure_slots(self, layers, experts: np.ndarray) -> np.ndarray:
         """`ensure` over arrays (the runtime's per-layer call): layers one layer (int) or int[n]; experts
         int[n] (distinct keys, in request order) -> int64[n], the slot of each. Blocks until all landed."""
+        request = self.request_slots(layers, experts)
+        self.wait_for(request)
+        return request.slots
+
+    def request_slots(self, layers, experts: np.ndarray) -> "SlotRequest":
+        """The first half of `ensure_slots`: pins the resident keys and queues demand transfers for the
+        missing ones, ahead of every prefetch, without waiting -> a `SlotRequest` for `wait_for`. Between
+        the two the caller may plan prefetches: they queue behind the demand transfers and start while the
+        caller waits (the runtime plans the next layer there)."""
         if len(experts) > self.table.num_slots:
             raise ValueError(f"{len(experts)} experts requested at once but only {self.table.num_slots} slots")
         self._raise_if_failed()
@@ -163,15 +187,18 @@ class ExpertCache:
                 stats.misses_per_layer[key[0]] += 1
             if missing_rows:
                 self._cond.notify_all()
-        if waits:
+        return SlotRequest(layers, experts, slots, waits)
+
+    def wait_for(self, request: "SlotRequest") -> None:
+        """Blocks until every transfer `request` needs has landed (the stall), then marks its keys used."""
+        if request.waits:
             t0 = time.perf_counter()
-            for event in waits:
+            for event in request.waits:
                 while not event.wait(POLL_S):
                     self._raise_if_failed()
-            stats.stall_s += time.perf_counter() - t0
+            self.stats.stall_s += time.perf_counter() - t0
             self._raise_if_failed()
-        self.policy.touch_many(layers, experts)
-        return slots
+        self.policy.touch_many(request.layers, request.experts)
 
     def prefetch(self, keys: Iterable[ExpertKey], protect: Iterable[ExpertKey] = ()) -> None:
         """Replaces the pending prefetches with `keys` (most urgent first). Keys in `protect` (and the
