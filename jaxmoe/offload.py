@@ -363,18 +363,26 @@ class OffloadEngine:
         return predictor
 
     # -- expert transfers (transfer thread) ----------------------------------------------------------------
-    def _copy_expert(self, key, slot: int) -> None:
+    def _copy_expert(self, key, slot: int):
+        """Issues the copy of expert `key` into `slot` -> a function that waits until it has landed and
+        writes the slot (None: already done). The transfer thread issues the next copy before calling it."""
         if self.device.platform == "cpu":
             # host and device memory are the same RAM and there is no copy engine to overlap with: one
             # dispatch that copies inside the slot write costs a third of the CPU time of two (~110 us
             # against ~380 us per expert of the default model); JAX orders later reads after it
             with self._slots_lock:
                 self.slots = write_slot_from_host(self.slots, slot, self.store.get(key), self.device_sharding)
-            return
+            return None
         on_device = jax.device_put(self.store.get(key), self.device_sharding)  # the link's DMA, beside compute
-        jax.block_until_ready(on_device)  # the host-to-device copy itself: this thread waits, not the decode loop
-        with self._slots_lock:
-            self.slots = write_slot(self.slots, slot, on_device)
+
+        def land():
+            # the host-to-device copy itself: this thread waits, not the decode loop. The slot is written
+            # only once the copy is there, or every layer dispatched after the write would wait for it
+            jax.block_until_ready(on_device)
+            with self._slots_lock:
+                self.slots = write_slot(self.slots, slot, on_device)
+
+        return land
 
     # -- one MoE layer -------------------------------------------------------------------------------
     def _ensure(self, layer: int, experts: np.ndarray, plan_ahead=None) -> np.ndarray:

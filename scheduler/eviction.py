@@ -65,8 +65,13 @@ class LRU:
     def victim(self, table: SlotTable, candidates=None) -> int:
         """candidates: slot indices (int array or list; default every evictable slot) -> the slot to reuse;
         ties go to the first candidate."""
-        candidates = _candidates(table, candidates)
-        return int(candidates[np.argmin(self.stamps(table, candidates))])
+        return int(self.ranked(table, _candidates(table, candidates))[0])
+
+    def ranked(self, table: SlotTable, candidates: np.ndarray) -> np.ndarray:
+        """candidates int[C] -> the same slots, the one to reuse first first (ties: candidate order). Taking
+        the first n equals n successive `victim` calls that each take the chosen slot out: a layer's
+        misses get their slots from one ranking."""
+        return candidates[np.argsort(self.stamps(table, candidates), kind="stable")]
 
 
 def _candidates(table: SlotTable, candidates) -> np.ndarray:
@@ -87,10 +92,9 @@ class LFU(LRU):
             self._count = grown_to(self._count, self._stamp.shape, 0)
         self._count[layers, experts] += 1  # distinct keys: no repeated index
 
-    def victim(self, table: SlotTable, candidates=None) -> int:
-        candidates = _candidates(table, candidates)
+    def ranked(self, table: SlotTable, candidates: np.ndarray) -> np.ndarray:
         uses = lookup_or(self._count, table.slot_layer[candidates], table.slot_expert[candidates], 0)
-        return int(candidates[np.lexsort((self.stamps(table, candidates), uses))[0]])  # fewest uses, then oldest
+        return candidates[np.lexsort((self.stamps(table, candidates), uses))]  # fewest uses, then oldest
 
 
 class ExpectedReuse(LRU):
@@ -161,13 +165,9 @@ class ExpectedReuse(LRU):
             self._score = score  # read by the transfer thread too: replaced whole, never edited
         return score
 
-    def victim(self, table: SlotTable, candidates=None) -> int:
-        candidates = _candidates(table, candidates)
+    def ranked(self, table: SlotTable, candidates: np.ndarray) -> np.ndarray:
         score = self.scores()[self._pos_of_layer[table.slot_layer[candidates]], table.slot_expert[candidates]]
-        best = candidates[score == score.max()]
-        if len(best) == 1:
-            return int(best[0])
-        return int(best[np.argmin(self.stamps(table, best))])
+        return candidates[np.lexsort((self.stamps(table, candidates), -score))]  # farthest use, then oldest
 
 
 class Belady(LRU):
@@ -193,11 +193,12 @@ class Belady(LRU):
     def at_step(self, pos: int, step: int) -> None:
         self.advance(step)
 
-    def victim(self, table: SlotTable, candidates=None) -> int:
-        candidates = _candidates(table, candidates).tolist()
+    def ranked(self, table: SlotTable, candidates: np.ndarray) -> np.ndarray:
         upcoming = self.next_use[self.step]
         never = len(self.next_use) + 1
-        return max(candidates, key=lambda s: (upcoming.get(table.key_in_slot[s], never), -self.last_use(table.key_in_slot[s])))
+        order = sorted(candidates.tolist(), key=lambda s: (-upcoming.get(table.key_in_slot[s], never),
+                                                           self.last_use(table.key_in_slot[s])))
+        return np.asarray(order, np.int64)
 
 
 EVICTION_POLICIES = {"on-demand": LRU, "lfu": LFU}

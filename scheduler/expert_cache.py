@@ -3,17 +3,22 @@
 The main (decode) thread calls `ensure(keys)` with the (layer, expert) keys the running layer routes
 to. Resident keys are pinned; keys already in flight (prefetched, not yet landed) are waited for;
 missing keys get a slot (free, or the eviction policy's victim among slots that are neither pinned nor
-in flight, outside the current prefetch plan's protected set unless every candidate is in it) and are queued as *demand* transfers ahead of every prefetch. The main thread then waits
-for exactly those transfers; that wait is the stall.
+in flight, outside the current prefetch plan's protected set unless every candidate is in it) and are
+queued as *demand* transfers ahead of every prefetch. The main thread then waits for exactly those
+transfers; that wait is the stall. `ensure` is `request_slots` (pin, claim, queue) then `wait_for`: the
+runtime plans the next prefetches between the two, so they start while it waits.
 
 `prefetch(keys, protect)` replaces the queue of pending prefetches (stale ones are dropped): the
 transfer thread takes them in order, never evicting a pinned, in-flight or protected key, and drops a
-prefetch for which no slot can be freed. At most one transfer is in flight at a time (one link).
+prefetch for which no slot can be freed.
 
-The copy itself is the runtime's `load(key, slot)` callback (jax.device_put + slot write); with an
-`EmulatedLink` the thread additionally waits until bytes/bandwidth + latency have elapsed.
-A failure in the thread is re-raised in the main thread (same exception object, original
-traceback) at its next `ensure`, within `POLL_S` while it waits.
+One link: copies land one after another. The copy itself is the runtime's `load(key, slot)` callback,
+which issues it (jax.device_put) and returns a function that waits until it has landed and writes the
+slot (or None when done at once). The thread issues the next copy shortly before the current one is
+expected to land, so the link does not idle while the thread finishes one copy and starts the next.
+With an `EmulatedLink` each copy takes bytes/bandwidth + latency of link time, back to back when the
+next was issued in time; only the thread waits. A failure in the thread is re-raised in the main
+thread (same exception object, original traceback) at its next `ensure`, within `POLL_S` while it waits.
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ class ExpertCache:
         self._error: BaseException | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._issue_s: float | None = None  # seconds `load` takes to issue a copy (EMA)
 
     @property
     def num_slots(self) -> int:
@@ -170,11 +176,14 @@ class ExpertCache:
             if missing_rows or self._pending:
                 wanted = {(layer_of(i), int(experts[i])) for i in range(len(experts))}
                 self._pending = deque(k for k in self._pending if k not in wanted)
-            for i in missing_rows:  # evict outside the prefetch plan's protected set while possible
-                key = (layer_of(i), int(experts[i]))
-                slot = self._claim_slot(key, protect=wanted | self._protect)
-                if slot is None:
-                    slot = self._claim_slot(key, protect=wanted)
+            missing = [(layer_of(i), int(experts[i])) for i in missing_rows]
+            # evict outside the prefetch plan's protected set while possible
+            claimed = self._claim_slots(missing, protect=wanted | self._protect) if missing else []
+            if None in claimed:
+                unclaimed = [n for n, slot in enumerate(claimed) if slot is None]
+                for n, slot in zip(unclaimed, self._claim_slots([missing[n] for n in unclaimed], protect=wanted)):
+                    claimed[n] = slot
+            for i, key, slot in zip(missing_rows, missing, claimed):
                 while slot is None:  # every other slot pinned or in flight: wait for a transfer to land
                     self._cond.wait(POLL_S)
                     self._raise_if_failed()
@@ -238,18 +247,29 @@ class ExpertCache:
     # -- shared helpers (caller holds the lock) ------------------------------------------------------
     def _claim_slot(self, key: ExpertKey, protect) -> int | None:
         """A free slot, or the victim among slots neither pinned, in flight nor protected; assigns key."""
-        slot = self.table.first_free()
-        if slot is None:
-            candidates = self.table.candidates(protect, busy=self._in_flight)
-            if not len(candidates):
-                return None
-            slot = int(self.policy.victim(self.table, candidates))
-        evicted = self.table.assign(key, slot)
-        if evicted is not None and evicted in self._prefetched_unused:
-            self._prefetched_unused.discard(evicted)
-            self.stats.wasted_prefetch_bytes += self.expert_bytes
-        self._in_flight[slot] = threading.Event()
-        return slot
+        return self._claim_slots([key], protect)[0]
+
+    def _claim_slots(self, keys: list[ExpertKey], protect) -> list[int | None]:
+        """`_claim_slot` for each key in turn (None where no slot can be freed), with one eviction ranking
+        for all of them: the same slots as successive claims, which each take their slot out."""
+        out, ranked = [], None
+        for key in keys:
+            slot = self.table.first_free()
+            if slot is None:
+                if ranked is None:
+                    candidates = self.table.candidates(protect, busy=self._in_flight)
+                    ranked = iter(self.policy.ranked(self.table, candidates).tolist() if len(candidates) else ())
+                slot = next(ranked, None)
+                if slot is None:
+                    out.append(None)
+                    continue
+            evicted = self.table.assign(key, slot)
+            if evicted is not None and evicted in self._prefetched_unused:
+                self._prefetched_unused.discard(evicted)
+                self.stats.wasted_prefetch_bytes += self.expert_bytes
+            self._in_flight[slot] = threading.Event()
+            out.append(slot)
+        return out
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -261,11 +281,12 @@ class ExpertCache:
             self._thread.start()
 
     # -- transfer thread ---------------------------------------------------------------------------
-    def _next_transfer(self):
-        """(key, slot, is_prefetch) of the next transfer, or None when closed. Holds the lock."""
+    def _next_transfer(self, wait: bool = True):
+        """(key, slot, is_prefetch) of the next transfer; None when there is none and not `wait`;
+        _CLOSED when closed. Holds the lock."""
         while True:
             if self._closed:
-                return None
+                return _CLOSED
             if self._demand:
                 key, slot = self._demand.popleft()
                 return key, slot, False
@@ -276,39 +297,95 @@ class ExpertCache:
                 slot = self._claim_slot(key, protect=self._protect)
                 if slot is not None:
                     return key, slot, True
+            if not wait:
+                return None
             self._cond.wait()
 
+    def _start_transfer(self, job, link_free_at: float) -> _Transfer:
+        """Starts copying job = (key, slot, is_prefetch): `load` returns once the copy is issued (with the
+        wait until it has landed, or None if it already has)."""
+        key, slot, is_prefetch = job
+        t0 = time.perf_counter()
+        landed = self.load(key, slot)
+        issued = time.perf_counter()
+        self._issue_s = issued - t0 if self._issue_s is None else 0.8 * self._issue_s + 0.2 * (issued - t0)
+        if self.link is not None:  # the emulated link: one copy at a time, back to back when queued
+            expected = max(t0, link_free_at) + self.link.transfer_s(self.expert_bytes)
+        elif self.measured_bandwidth:
+            expected = max(t0, link_free_at) + self.expert_bytes / self.measured_bandwidth
+        else:
+            expected = None
+        return _Transfer(key, slot, is_prefetch, t0, landed, expected)
+
+    def _finish_transfer(self, transfer: _Transfer, previous_done: float) -> float:
+        """Waits until `transfer` has landed, then makes its slot usable -> when it landed."""
+        if transfer.landed is not None:
+            transfer.landed()
+        if self.link is not None:
+            remaining = transfer.expected_done - time.perf_counter()
+            if remaining > 0:
+                time.sleep(remaining)
+        done = time.perf_counter()
+        service = done - max(transfer.started, previous_done)  # the link's time for this copy alone
+        with self._cond:
+            key, slot = transfer.key, transfer.slot
+            self.stats.h2d_bytes += self.expert_bytes
+            self.stats.h2d_bytes_per_layer[key[0]] += self.expert_bytes
+            self.stats.link_busy_s += service
+            rate = self.expert_bytes / max(service, 1e-9)
+            self.measured_bandwidth = rate if self.measured_bandwidth is None else 0.8 * self.measured_bandwidth + 0.2 * rate
+            if transfer.is_prefetch:
+                self.stats.prefetches += 1
+                if not self.table.pinned_mask[slot]:
+                    self._prefetched_unused.add(key)
+            self._in_flight.pop(slot).set()
+            self._cond.notify_all()
+        return done
+
     def _run(self) -> None:
-        while True:
+        """One copy on the link at a time, but the next is issued shortly before the current one is
+        expected to land (within twice the time issuing a copy takes), so the link does not idle while
+        this thread does its per-copy work; issuing earlier would commit to a prefetch that a demand
+        transfer arriving meanwhile would have to wait for."""
+        current, done = None, 0.0
+        try:
+            while True:
+                if current is None:
+                    with self._cond:
+                        job = self._next_transfer()
+                    if job is _CLOSED:
+                        return
+                    current = self._start_transfer(job, done)
+                following = None
+                if current.expected_done is not None:
+                    lead = current.expected_done - 2 * (self._issue_s or 0.0) - time.perf_counter()
+                    if lead > 0:
+                        time.sleep(lead)
+                    with self._cond:
+                        job = self._next_transfer(wait=False)
+                    if job is not None and job is not _CLOSED:
+                        following = self._start_transfer(job, current.expected_done)
+                done = self._finish_transfer(current, done)
+                current = following
+        except BaseException as e:  # noqa: BLE001 — surfaced in the main thread
             with self._cond:
-                job = self._next_transfer()
-            if job is None:
-                return
-            key, slot, is_prefetch = job
-            t0 = time.perf_counter()
-            try:
-                self.load(key, slot)
-                if self.link is not None:
-                    remaining = t0 + self.link.transfer_s(self.expert_bytes) - time.perf_counter()
-                    if remaining > 0:
-                        time.sleep(remaining)
-            except BaseException as e:  # noqa: BLE001 — surfaced in the main thread
-                with self._cond:
-                    self._error = e
-                    for event in self._in_flight.values():
-                        event.set()
-                    self._cond.notify_all()
-                return
-            elapsed = time.perf_counter() - t0
-            with self._cond:
-                self.stats.h2d_bytes += self.expert_bytes
-                self.stats.h2d_bytes_per_layer[key[0]] += self.expert_bytes
-                self.stats.link_busy_s += elapsed
-                rate = self.expert_bytes / max(elapsed, 1e-9)
-                self.measured_bandwidth = rate if self.measured_bandwidth is None else 0.8 * self.measured_bandwidth + 0.2 * rate
-                if is_prefetch:
-                    self.stats.prefetches += 1
-                    if not self.table.pinned_mask[slot]:
-                        self._prefetched_unused.add(key)
-                self._in_flight.pop(slot).set()
+                self._error = e
+                for event in self._in_flight.values():
+                    event.set()
                 self._cond.notify_all()
+
+
+_CLOSED = object()
+
+
+@dataclass
+class _Transfer:
+    """A copy the transfer thread has issued: landed() (or None) waits until it is on the device;
+    expected_done: when it should land (perf_counter seconds; None: unknown)."""
+
+    key: ExpertKey
+    slot: int
+    is_prefetch: bool
+    started: float
+    landed: Callable[[], None] | None
+    expected_done: float | None

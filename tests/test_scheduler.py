@@ -59,7 +59,7 @@ def with_random_delays(engine: OffloadEngine, seed: int, max_delay_s: float):
 
     def delayed(key, slot):
         time.sleep(rng.uniform(0, max_delay_s))
-        copy(key, slot)
+        return copy(key, slot)
 
     engine.cache.load = delayed
 
@@ -109,7 +109,7 @@ def test_transfer_thread_fault_surfaces_with_traceback(reference):
         calls["n"] += 1
         if calls["n"] == 4:
             raise RuntimeError("simulated DMA failure")
-        copy(key, slot)
+        return copy(key, slot)
 
     engine.cache.load = failing_copy
     t0 = time.perf_counter()

@@ -288,3 +288,30 @@ def test_fuzz_ensure_matches_reference_model(make_cache, seed):
             assert sorted(loaded) == sorted((k, slots[k]) for k in keys if k not in before)
             assert len(loaded) == len(keys) - new_hits
         cache.close()
+
+
+def test_next_copy_is_issued_before_the_current_one_lands_and_the_link_stays_serial():
+    """load() issues a copy and returns the wait for its landing: the thread issues the following copy
+    first (so the link does not idle between copies), ensure returns only once every landing ran, and
+    the emulated link still moves one expert at a time."""
+    from scheduler.link import EmulatedLink
+
+    events = []
+
+    def load(key, slot):
+        events.append(("issue", key))
+        return lambda: events.append(("land", key))
+
+    link = EmulatedLink(gbps=EXPERT_BYTES / 0.02 / 1e9)  # 20 ms per expert
+    cache = ExpertCache(8, LRU(), load, EXPERT_BYTES, link)
+    keys = [(0, e) for e in range(4)]
+    try:
+        cache.ensure(keys)
+        assert sorted(events) == sorted([("issue", k) for k in keys] + [("land", k) for k in keys])
+        assert events == [("issue", (0, 0)), ("issue", (0, 1)), ("land", (0, 0)), ("issue", (0, 2)),
+                          ("land", (0, 1)), ("issue", (0, 3)), ("land", (0, 2)), ("land", (0, 3))]
+        assert cache.stats.stall_s >= 4 * 0.02 * 0.99  # issued early, landed one link-time after another
+        assert cache.stats.link_busy_s >= 4 * 0.02 * 0.99
+        cache.table.check()
+    finally:
+        cache.close()
