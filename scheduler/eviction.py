@@ -50,7 +50,11 @@ class LRU:
 
     def stamps(self, table: SlotTable, candidates: np.ndarray) -> np.ndarray:
         """int64[C]: the last use of the key in each candidate slot (-1: never used)."""
-        return lookup_or(self._stamp, table.slot_layer[candidates], table.slot_expert[candidates], -1)
+        layers, experts = table.slot_layer[candidates], table.slot_expert[candidates]
+        try:
+            return self._stamp[layers, experts]
+        except IndexError:  # a key never touched and beyond every key touched so far
+            return lookup_or(self._stamp, layers, experts, -1)
 
     def at_step(self, pos: int, step: int) -> None:
         """The `step`-th expert request of the run (0-based, over the whole run), for MoE position `pos`,

@@ -14,10 +14,10 @@ prefetch for which no slot can be freed.
 
 One link: copies land one after another. The copy itself is the runtime's `load(key, slot)` callback,
 which issues it (jax.device_put) and returns a function that waits until it has landed and writes the
-slot (or None when done at once). The thread issues the next copy shortly before the current one is
-expected to land, so the link does not idle while the thread finishes one copy and starts the next.
-With an `EmulatedLink` each copy takes bytes/bandwidth + latency of link time, back to back when the
-next was issued in time; only the thread waits. A failure in the thread is re-raised in the main
+slot (or None when done at once). While one copy is on the link the thread has the next one issued,
+so the link does not idle while the thread finishes one copy and starts the next. With an
+`EmulatedLink` each copy takes bytes/bandwidth + latency of link time, back to back when queued; only
+the thread waits. A failure in the thread is re-raised in the main
 thread (same exception object, original traceback) at its next `ensure`, within `POLL_S` while it waits.
 """
 
@@ -76,7 +76,7 @@ class CacheStats:
 @dataclass
 class SlotRequest:
     """One layer's `request_slots`: its keys (layers int or int[n], experts int[n]), their slots int64[n]
-    (valid once landed) and the transfers still to land."""
+    (valid once landed) and `waits`, the slots whose copies are still to land."""
 
     layers: object
     experts: np.ndarray
@@ -99,7 +99,7 @@ class ExpertCache:
         self.stats = CacheStats()
         self.measured_bandwidth: float | None = None  # bytes/s, EMA over transfers
         self._cond = threading.Condition()
-        self._in_flight: dict[int, threading.Event] = {}  # slot -> landed
+        self._in_flight: set[int] = set()  # slots whose copy has not landed yet
         self._demand: deque[tuple[ExpertKey, int]] = deque()
         self._pending: deque[ExpertKey] = deque()
         self._protect: frozenset = frozenset()
@@ -107,7 +107,6 @@ class ExpertCache:
         self._error: BaseException | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._issue_s: float | None = None  # seconds `load` takes to issue a copy (EMA)
 
     @property
     def num_slots(self) -> int:
@@ -145,7 +144,7 @@ class ExpertCache:
         self._start()
         one_layer = isinstance(layers, (int, np.integer))
         layer_of = (lambda i: int(layers)) if one_layer else (lambda i: int(layers[i]))  # noqa: E731
-        waits: list[threading.Event] = []
+        waits: list[int] = []  # slots to wait for
         stats = self.stats
         with self._cond:
             table = self.table
@@ -158,11 +157,11 @@ class ExpertCache:
             late_rows = set()
             if self._in_flight or self._prefetched_unused:  # late hits and prefetch hits: a few keys, in Python
                 for i in hit_rows:
-                    key, flying = (layer_of(i), int(experts[i])), self._in_flight.get(slot_list[i])
-                    if flying is not None:
-                        waits.append(flying)
+                    key, flying = (layer_of(i), int(experts[i])), slot_list[i] in self._in_flight
+                    if flying:
+                        waits.append(slot_list[i])
                         late_rows.add(i)
-                    if flying is not None or key in self._prefetched_unused:
+                    if flying or key in self._prefetched_unused:
                         stats.prefetch_hits += 1
                         self._prefetched_unused.discard(key)
             stats.late_hits += len(late_rows)
@@ -191,7 +190,7 @@ class ExpertCache:
                 self.table.pin(slot)
                 slots[i] = slot
                 self._demand.append((key, slot))
-                waits.append(self._in_flight[slot])
+                waits.append(slot)
                 stats.misses += 1
                 stats.misses_per_layer[key[0]] += 1
             if missing_rows:
@@ -202,9 +201,10 @@ class ExpertCache:
         """Blocks until every transfer `request` needs has landed (the stall), then marks its keys used."""
         if request.waits:
             t0 = time.perf_counter()
-            for event in request.waits:
-                while not event.wait(POLL_S):
+            with self._cond:  # the transfer thread notifies after each landing; the slots stay pinned
+                while any(slot in self._in_flight for slot in request.waits):
                     self._raise_if_failed()
+                    self._cond.wait(POLL_S)
             self.stats.stall_s += time.perf_counter() - t0
             self._raise_if_failed()
         self.policy.touch_many(request.layers, request.experts)
@@ -267,7 +267,7 @@ class ExpertCache:
             if evicted is not None and evicted in self._prefetched_unused:
                 self._prefetched_unused.discard(evicted)
                 self.stats.wasted_prefetch_bytes += self.expert_bytes
-            self._in_flight[slot] = threading.Event()
+            self._in_flight.add(slot)
             out.append(slot)
         return out
 
@@ -302,27 +302,23 @@ class ExpertCache:
             self._cond.wait()
 
     def _start_transfer(self, job, link_free_at: float) -> _Transfer:
-        """Starts copying job = (key, slot, is_prefetch): `load` returns once the copy is issued (with the
-        wait until it has landed, or None if it already has)."""
+        """Issues the copy of job = (key, slot, is_prefetch): `load` returns once the copy is queued (with
+        the wait until it has landed, or None if it already has). link_free_at: when the emulated link
+        finishes the copy ahead of it."""
         key, slot, is_prefetch = job
         t0 = time.perf_counter()
         landed = self.load(key, slot)
-        issued = time.perf_counter()
-        self._issue_s = issued - t0 if self._issue_s is None else 0.8 * self._issue_s + 0.2 * (issued - t0)
-        if self.link is not None:  # the emulated link: one copy at a time, back to back when queued
-            expected = max(t0, link_free_at) + self.link.transfer_s(self.expert_bytes)
-        elif self.measured_bandwidth:
-            expected = max(t0, link_free_at) + self.expert_bytes / self.measured_bandwidth
-        else:
-            expected = None
-        return _Transfer(key, slot, is_prefetch, t0, landed, expected)
+        emulated_done = None
+        if self.link is not None:  # one copy at a time, back to back when queued
+            emulated_done = max(t0, link_free_at) + self.link.transfer_s(self.expert_bytes)
+        return _Transfer(key, slot, is_prefetch, t0, landed, emulated_done)
 
     def _finish_transfer(self, transfer: _Transfer, previous_done: float) -> float:
         """Waits until `transfer` has landed, then makes its slot usable -> when it landed."""
         if transfer.landed is not None:
             transfer.landed()
         if self.link is not None:
-            remaining = transfer.expected_done - time.perf_counter()
+            remaining = transfer.emulated_done - time.perf_counter()
             if remaining > 0:
                 time.sleep(remaining)
         done = time.perf_counter()
@@ -338,15 +334,15 @@ class ExpertCache:
                 self.stats.prefetches += 1
                 if not self.table.pinned_mask[slot]:
                     self._prefetched_unused.add(key)
-            self._in_flight.pop(slot).set()
+            self._in_flight.discard(slot)
             self._cond.notify_all()
         return done
 
     def _run(self) -> None:
-        """One copy on the link at a time, but the next is issued shortly before the current one is
-        expected to land (within twice the time issuing a copy takes), so the link does not idle while
-        this thread does its per-copy work; issuing earlier would commit to a prefetch that a demand
-        transfer arriving meanwhile would have to wait for."""
+        """Copies land one after another, but while one is on the link the next is already issued (two
+        queued at most), so the link does not idle while this thread finishes one copy and starts the
+        next. Queueing deeper would commit to prefetches that a demand transfer arriving meanwhile would
+        have to wait for."""
         current, done = None, 0.0
         try:
             while True:
@@ -356,22 +352,16 @@ class ExpertCache:
                     if job is _CLOSED:
                         return
                     current = self._start_transfer(job, done)
+                with self._cond:
+                    job = self._next_transfer(wait=False)
                 following = None
-                if current.expected_done is not None:
-                    lead = current.expected_done - 2 * (self._issue_s or 0.0) - time.perf_counter()
-                    if lead > 0:
-                        time.sleep(lead)
-                    with self._cond:
-                        job = self._next_transfer(wait=False)
-                    if job is not None and job is not _CLOSED:
-                        following = self._start_transfer(job, current.expected_done)
+                if job is not None and job is not _CLOSED:
+                    following = self._start_transfer(job, current.emulated_done or 0.0)
                 done = self._finish_transfer(current, done)
                 current = following
         except BaseException as e:  # noqa: BLE001 — surfaced in the main thread
             with self._cond:
                 self._error = e
-                for event in self._in_flight.values():
-                    event.set()
                 self._cond.notify_all()
 
 
@@ -381,11 +371,11 @@ _CLOSED = object()
 @dataclass
 class _Transfer:
     """A copy the transfer thread has issued: landed() (or None) waits until it is on the device;
-    expected_done: when it should land (perf_counter seconds; None: unknown)."""
+    emulated_done: when the emulated link delivers it (perf_counter seconds; None without emulation)."""
 
     key: ExpertKey
     slot: int
     is_prefetch: bool
     started: float
     landed: Callable[[], None] | None
-    expected_done: float | None
+    emulated_done: float | None

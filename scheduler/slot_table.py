@@ -131,7 +131,8 @@ class SlotTable:
     def _mark(self, key: ExpertKey, present: bool) -> None:
         """Records in `slot_index` that `key` now holds its slot (`slot_of`) or none."""
         layer, expert = key
-        self.slot_index = grown_to(self.slot_index, (layer + 1, expert + 1), -1)
+        if layer >= self.slot_index.shape[0] or expert >= self.slot_index.shape[1]:
+            self.slot_index = grown_to(self.slot_index, (layer + 1, expert + 1), -1)
         self.slot_index[layer, expert] = self.slot_of[key] if present else -1
 
     def pin(self, slot: int) -> None:
