@@ -281,9 +281,6 @@ class OffloadEngine:
         # Benchmarks only (bench.replay): called after each MoE layer with (pos, decoding, ids int32[N, k] of
         # the valid rows, predictor scores float32[H, E] or None) to record a run for replay.
         self.layer_observer = None
-        # decode: plan the next layer's prefetches before dispatching this layer even when it waits for
-        # no transfer (see `_route`); otherwise only while it waits
-        self.plan_before_dispatch = False
         self._last_scores = None
 
     def _new_cache(self, planner, eviction) -> None:
@@ -396,7 +393,7 @@ class OffloadEngine:
         self.cache.policy.at_step(self.pos_of_layer[layer], len(self._requests))
         request = self.cache.request_slots(layer, experts)
         self._requests.append((layer, experts))
-        planned = plan_ahead is not None and (self.plan_before_dispatch or request.must_wait)
+        planned = plan_ahead is not None and request.must_wait
         if planned:
             plan_ahead()
         self.cache.wait_for(request)
@@ -425,10 +422,11 @@ class OffloadEngine:
         groups = [needed] if len(needed) <= self.num_slots else [
             needed[start : start + self.num_slots] for start in range(0, len(needed), self.num_slots)]
         planned = False
-        # decode: the next layer's prefetches are planned and queued as soon as this layer's misses are,
-        # so they start while this layer waits and computes (planned after the dispatch, they had only
-        # what is left of the layer's compute after the planning to land); without a stall to hide it
-        # under, the planning waits until the layer is dispatched unless `plan_before_dispatch`
+        # decode: when this layer must wait for transfers, the next layer's prefetches are planned and
+        # queued right after its misses, so they start while it waits and computes (planned after the
+        # dispatch they had only what is left of the layer's compute after the planning to land: 0.42
+        # against 0.71 prefetch precision at 25% cache, T_x = T_c). Without a wait to hide it under, the
+        # planning follows the dispatch (planning first measured no faster)
         plan_ahead = (lambda: self._plan_ahead(self.pos_of_layer[layer], needed, packed)) if self._decoding else None
         for n, group in enumerate(groups):
             lut = np.full(self.cfg.num_experts, -1, np.int32)
