@@ -131,3 +131,38 @@ def test_emulated_link_makes_misses_stall(reference):
     assert result.stats["stall_s"] >= 0.9 * misses * expert_s
     assert result.stats["emulated_link"] == "0.002 GB/s + 0 us"
     assert result.generated_ids == expected[:6]
+
+
+def test_decode_plans_the_next_layer_while_waiting_for_misses(reference):
+    """A decoding layer that must wait for transfers queues the next layer's prefetches between queueing
+    its own misses and waiting for them (so they start during the wait); an all-hit layer plans after
+    its dispatch. Either way the tokens are the resident model's."""
+    model_dir, expected = reference("mixtral")
+    engine = jaxmoe.load(model_dir, cache_slots=4, policy="presched", emulate_link="0.05,0")
+    cache, log = engine.cache, []
+    request_slots, wait_for, prefetch = cache.request_slots, cache.wait_for, cache.prefetch
+
+    def logged_request(layers, experts):
+        request = request_slots(layers, experts)
+        log.append(("request", engine._decoding, request.must_wait))
+        return request
+
+    def logged_wait(request):
+        log.append(("wait",))
+        return wait_for(request)
+
+    def logged_prefetch(keys, protect=()):
+        log.append(("prefetch",))
+        return prefetch(keys, protect)
+
+    cache.request_slots, cache.wait_for, cache.prefetch = logged_request, logged_wait, logged_prefetch
+    with time_limit(60):
+        result = engine.generate(PROMPT, 8)
+    assert result.generated_ids == expected[:8]
+    waiting = [i for i, entry in enumerate(log) if entry[0] == "request" and entry[1] and entry[2]]
+    all_hit = [i for i, entry in enumerate(log) if entry[0] == "request" and entry[1] and not entry[2]]
+    assert waiting, "the test needs decoding layers that miss"
+    for i in waiting:
+        assert log[i + 1] == ("prefetch",) and log[i + 2] == ("wait",), log[i : i + 3]
+    for i in all_hit:
+        assert log[i + 1] == ("wait",)
