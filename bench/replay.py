@@ -240,7 +240,8 @@ def replay(recordings: list[Recording], policy: str, num_slots: int, compute_s: 
                 ctx = PlanContext(step=step - 1, pos=pos, num_positions=num_pos, layer_of_pos=rec.layer_of_pos,
                                   top_k=rec.top_k, num_slots=num_slots,
                                   scores=None if scores is None else scores[: planner.horizon],
-                                  resident=cache.table.resident[list(rec.layer_of_pos)], transfer_s=transfer_s,
+                                  resident=cache.table.resident[[rec.layer_of_pos[q] for q in PlanContext.ahead(pos, num_pos, planner.horizon)]],
+                                  transfer_s=transfer_s,
                                   layer_compute_s=compute_s)
                 keys_, protect = planner.plan(ctx)
                 cache.prefetch(keys_, protect, now)

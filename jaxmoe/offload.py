@@ -500,7 +500,8 @@ class OffloadEngine:
             transfer_s = max(transfer_s, self.link.transfer_s(self.store.expert_bytes))
         ctx = PlanContext(step=len(self._requests) - 1, pos=pos, num_positions=num_pos, layer_of_pos=self.moe_layer_ids,
                           top_k=self.cfg.num_experts_per_tok, num_slots=self.num_slots, scores=scores,
-                          resident=self.cache.resident_mask(self._moe_layer_index), transfer_s=transfer_s,
+                          resident=self.cache.resident_mask(self._moe_layer_index[PlanContext.ahead(pos, num_pos, planner.horizon)]),
+                          transfer_s=transfer_s,
                           layer_compute_s=self._layer_compute_s or transfer_s)
         keys, protect = planner.plan(ctx)
         self.cache.prefetch(keys, protect)

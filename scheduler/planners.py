@@ -23,7 +23,6 @@ import numpy as np
 from scheduler.slot_table import ExpertKey
 
 MAX_HORIZON = 4
-_STEPS = np.arange(1, MAX_HORIZON + 1)
 
 
 @dataclass
@@ -35,17 +34,18 @@ class PlanContext:
     top_k: int
     num_slots: int
     scores: np.ndarray | None  # float32[H, E]: predictor scores for positions pos+1 .. pos+H
-    resident: np.ndarray  # bool[num_positions, E]: by MoE position, in (or in flight to) the cache
+    resident: np.ndarray  # bool[H, E]: at positions pos+1 .. pos+H, in (or in flight to) the cache
     transfer_s: float  # seconds to move one expert (measured)
     layer_compute_s: float  # seconds of compute per MoE layer (measured)
+
+    @staticmethod
+    def ahead(pos: int, num_positions: int, horizon: int) -> list[int]:
+        """The MoE positions pos + 1 .. pos + horizon (wrapping): the rows of `scores` and `resident`."""
+        return [(pos + j) % num_positions for j in range(1, horizon + 1)]
 
     def key(self, j: int, expert: int) -> ExpertKey:
         """Key of `expert` at MoE position pos + j (j >= 1)."""
         return (self.layer_of_pos[(self.pos + j) % self.num_positions], int(expert))
-
-    def targets(self, horizon: int) -> np.ndarray:
-        """int[horizon]: the MoE positions pos + 1 .. pos + horizon (wrapping)."""
-        return (self.pos + _STEPS[:horizon]) % self.num_positions
 
 
 def fit_to_link(horizons: list[int], num_horizons: int, transfer_s: float, compute_s: float, min_benefit: float,
@@ -114,7 +114,7 @@ class _Feedback:
 
     def __init__(self):
         self.recall = 0.8  # prior until measured
-        self.used = self.seen = None  # float64[H, E]: rank counts, allocated on the first plan
+        self.used = self.seen = None  # float64[H, E] / [H, 1]: rank counts, allocated on the first plan
         self.used_absent = self.seen_absent = None  # the same over experts not resident when ranked
         # the rankings awaiting feedback, by target position and horizon (allocated on the first plan):
         self.ranked = None  # int[P, H, E] experts best first
@@ -123,8 +123,8 @@ class _Feedback:
         self.use_probability: dict[int, np.ndarray] = {}
 
     def _allocate(self, num_positions: int, num_experts: int) -> None:
-        self.used, self.seen = np.zeros((MAX_HORIZON, num_experts)), np.zeros((MAX_HORIZON, num_experts))
-        self.used_absent, self.seen_absent = np.zeros_like(self.used), np.zeros_like(self.seen)
+        self.used, self.seen = np.zeros((MAX_HORIZON, num_experts)), np.zeros((MAX_HORIZON, 1))
+        self.used_absent, self.seen_absent = np.zeros_like(self.used), np.zeros_like(self.used)
         self.ranked = np.zeros((num_positions, MAX_HORIZON, num_experts), np.int64)
         self.ranked_absent = np.zeros((num_positions, MAX_HORIZON, num_experts), bool)
         self.pending = np.zeros((num_positions, MAX_HORIZON), bool)
@@ -140,12 +140,12 @@ class _Feedback:
         self.top_k = ctx.top_k
         orders = np.argsort(-ctx.scores, axis=1, kind="stable")
         probs = self.rank_probabilities(ctx.top_k, horizon=horizon)
-        targets = ctx.targets(horizon)
-        absent = ~ctx.resident[targets[:, None], orders]
+        targets = PlanContext.ahead(ctx.pos, ctx.num_positions, horizon)
+        absent = ~ctx.resident[self._rows[:horizon], orders]
         by_expert = np.empty_like(probs)
         by_expert[self._rows[:horizon], orders] = probs
         use_probability = {}
-        for j, target in enumerate(targets.tolist()):  # a few horizons: basic indexing, no fancy-index setup
+        for j, target in enumerate(targets):  # a few horizons: basic indexing, no fancy-index setup
             self.ranked[target, j] = orders[j]
             self.ranked_absent[target, j] = absent[j]
             self.pending[target, j] = True
@@ -169,10 +169,10 @@ class _Feedback:
         for j in rows:  # a few horizons: basic indexing, in place
             hit = mask[self.ranked[pos, j]]
             if j == 0:  # the horizon-1 top-k's share of what was used
-                self.recall = 0.9 * self.recall + 0.1 * np.count_nonzero(hit[: self.top_k]) / len(experts)
+                self.recall = 0.9 * self.recall + 0.1 * int(hit[: self.top_k].sum()) / len(experts)
             absent = self.ranked_absent[pos, j]
             self.used[j] += hit
-            self.seen[j] += 1
+            self.seen[j] += 1  # every rank was seen
             self.used_absent[j] += hit & absent
             self.seen_absent[j] += absent
 
@@ -256,20 +256,24 @@ class PreSched(_Feedback):
         orders, probs, absent = self.remember(ctx)
         p_absent_all = self.rank_probabilities(k, absent=True, horizon=len(orders))
         horizon = link_reach(p_absent_all, absent, ctx.transfer_s, ctx.layer_compute_s)
-        top = orders[:horizon, : 2 * k]  # [H, 2k]
-        top_absent = absent[:horizon, : 2 * k]
-        p_absent = p_absent_all[:horizon, : top.shape[1]]
-        rows, ranks = np.nonzero(~top_absent & (probs[:horizon, : top.shape[1]] >= self.PROTECT_P))
-        top_list = top.tolist()
-        protect = {ctx.key(j + 1, top_list[j][r]) for j, r in zip(rows.tolist(), ranks.tolist())}
-        cand_j, cand_r = np.nonzero(top_absent & (p_absent >= self.MIN_P))
-        cand_p = p_absent[cand_j, cand_r]
-        order = np.lexsort((cand_j, -cand_p)).tolist()  # decreasing p, nearer first on ties
+        # the top 2k of each horizon as lists: a few dozen entries, cheaper in Python than in numpy calls
+        top = orders[:horizon, : 2 * k].tolist()  # [H][2k]
+        top_absent = absent[:horizon, : 2 * k].tolist()
+        p_used = probs[:horizon, : 2 * k].tolist()
+        p_absent = p_absent_all[:horizon, : 2 * k].tolist()
+        protect, candidates = set(), []
+        for j in range(horizon):
+            for r, expert in enumerate(top[j]):
+                if not top_absent[j][r]:
+                    if p_used[j][r] >= self.PROTECT_P:
+                        protect.add(ctx.key(j + 1, expert))
+                elif p_absent[j][r] >= self.MIN_P:
+                    candidates.append((-p_absent[j][r], j, r, expert))
+        candidates.sort()  # decreasing p, nearer first, then better rank
         capacity = max(0, ctx.num_slots - k - len(protect))
-        admitted = fit_to_link([int(cand_j[i]) for i in order], horizon, ctx.transfer_s, ctx.layer_compute_s,
+        admitted = fit_to_link([c[1] for c in candidates], horizon, ctx.transfer_s, ctx.layer_compute_s,
                                self.MIN_BENEFIT, capacity)
-        accepted = sorted((int(cand_j[order[a]]), -float(cand_p[order[a]]), int(top[cand_j[order[a]], cand_r[order[a]]]))
-                          for a in admitted)  # earliest deadline first
+        accepted = sorted((candidates[a][1], candidates[a][0], candidates[a][3]) for a in admitted)  # earliest deadline first
         keys = [ctx.key(j + 1, e) for j, _, e in accepted]
         return keys, protect | set(keys)
 
