@@ -166,3 +166,17 @@ def test_decode_plans_the_next_layer_while_waiting_for_misses(reference):
         assert log[i + 1] == ("prefetch",) and log[i + 2] == ("wait",), log[i : i + 3]
     for i in all_hit:
         assert log[i + 1] == ("wait",)
+
+
+@pytest.mark.parametrize("policy", ["on-demand", "presched"])
+def test_accelerator_copy_path_reproduces_resident_output(policy, reference):
+    """The accelerator's copy path (device_put issued, the next copy issued while it flies, the slot
+    written once it has landed), forced on the CPU backend with random delays: the same tokens."""
+    model_dir, expected = reference("qwen2_moe")
+    engine = jaxmoe.load(model_dir, cache_slots=5, policy=policy, emulate_link="0.02,50")
+    engine.copy_inside_write = False
+    with_random_delays(engine, seed=7, max_delay_s=0.003)
+    with time_limit(120):
+        result = engine.generate(PROMPT, 20)
+    assert result.generated_ids == expected
+    assert result.stats["decode_cache"]["misses"] > 0
