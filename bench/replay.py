@@ -63,7 +63,9 @@ def record(model_dir, predictor: str | None, prompts: list[list[int]], max_new_t
     """Runs each prompt once with every expert cached and the predictor attached -> one Recording each.
     The predictor is asked for MAX_HORIZON layers (the engine asks for its planner's horizon), so every
     planner replays with the scores it would get live (prefetch: 2 layers, adaptive: up to 4)."""
-    engine = jaxmoe.load(model_dir, policy="presched", predictor=predictor, cache_slots=10**9)
+    # the predictor's numpy implementation on the host, wherever the engine would run it: the recorded
+    # scores do not depend on the device or on the fused program's float rounding
+    engine = jaxmoe.load(model_dir, policy="presched", predictor=predictor, cache_slots=10**9, fuse_predictor=False)
     engine.planner.horizon = MAX_HORIZON  # every expert is cached: the plan itself changes nothing
     cfg = engine.cfg
     out = []

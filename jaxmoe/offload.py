@@ -272,9 +272,10 @@ class OffloadEngine:
         # Benchmarks only (bench.sizes): (layer, positions int[N], ids_host int32[N, k]) -> int32[N, k]
         # replaces the routing decision on the host, e.g. with a recorded trace; None: the model's own.
         self.routing_override = None
-        # whether predictors that can run inside the layer's program (`to_fused`) do; None: on accelerators
-        # only. On the CPU backend the "device" is the host's own cores, and there the numpy predictors
-        # cost less than the same work in XLA (measured: `python -m bench predictor-cost`)
+        # whether predictors that can run inside the layer's program (`to_fused`) do; None: on accelerators,
+        # and on the CPU backend for predictors with `fused_on_cpu` (LLaPor). There the "device" is the host's
+        # own cores: gate-lookahead costs less in numpy than in XLA (`python -m bench predictor-cost`) and
+        # measured the same live either way; LLaPor runs faster fused
         self.fuse_predictor = None
         self._fused = self._fused_for = None
         self._scorer = None
@@ -526,7 +527,9 @@ class OffloadEngine:
         fusable = self.predictor is not None and hasattr(self.predictor, "to_fused") and self.planner.horizon > 0
         # a routing override (benchmarks) replaces the decision on the host, after the device has already
         # observed its own: such runs keep the predictor on the host, where it sees the replaced routing
-        fuse = self.fuse_predictor if self.fuse_predictor is not None else self.device.platform != "cpu"
+        fuse = self.fuse_predictor
+        if fuse is None:  # accelerators: always; the CPU backend: where the predictor measured faster fused
+            fuse = self.device.platform != "cpu" or getattr(self.predictor, "fused_on_cpu", False)
         if fuse and fusable and self.routing_override is None:
             key = (self.predictor, self.planner.horizon)
             if self._fused_for != key:  # predictors compare by identity
