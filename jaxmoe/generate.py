@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert cache policy: on-demand (LRU), lfu, or resident (every weight on the device)")
     p.add_argument("--predictor", default=None, help="predictor driving prefetch policies")
     p.add_argument("--fuse-predictor", choices=("auto", "on", "off"), default="auto",
-                   help="run the predictor inside each MoE layer's jitted program (auto: on accelerators; on CPU for LLaPor only)")
+                   help="run the predictor inside each MoE layer's jitted program (auto: on accelerators, not on CPU)")
     p.add_argument("--emulate-link", default=None, metavar="GBPS[,LATENCY_US]", help="emulate a host-to-device link")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="compute/param dtype override")
     p.add_argument("--output-json", type=Path, default=None, help="write prompt ids, generated ids, text and stats here")

@@ -272,10 +272,11 @@ class OffloadEngine:
         # Benchmarks only (bench.sizes): (layer, positions int[N], ids_host int32[N, k]) -> int32[N, k]
         # replaces the routing decision on the host, e.g. with a recorded trace; None: the model's own.
         self.routing_override = None
-        # whether predictors that can run inside the layer's program (`to_fused`) do; None: on accelerators,
-        # and on the CPU backend for predictors with `fused_on_cpu` (LLaPor). There the "device" is the host's
-        # own cores: gate-lookahead costs less in numpy than in XLA (`python -m bench predictor-cost`) and
-        # measured the same live either way; LLaPor runs faster fused
+        # whether predictors that can run inside the layer's program (`to_fused`) do; None: on accelerators
+        # only. On the CPU backend the "device" is the host's own cores: gate-lookahead costs less in numpy
+        # than in XLA (`python -m bench predictor-cost`) and measured the same live either way; LLaPor
+        # decoded faster fused in a single-engine A/B but not in `bench policies`, where every prefill
+        # bucket's compilation then includes it (TTFT 0.35-1.2 s against 0.1-0.2 s)
         self.fuse_predictor = None
         self._fused = self._fused_for = None
         self._scorer = None
@@ -385,10 +386,10 @@ class OffloadEngine:
         return land
 
     # -- one MoE layer -------------------------------------------------------------------------------
-    def _ensure(self, layer: int, experts: np.ndarray, plan_ahead=None) -> np.ndarray:
-        """experts: int[n] distinct, of MoE layer `layer` -> int64[n] their slots, once resident.
-        plan_ahead: called once the missing experts are queued, before waiting for them (see `_route`);
-        -> whether it was called."""
+    def _ensure(self, layer: int, experts: np.ndarray, plan_ahead=None) -> tuple[np.ndarray, bool]:
+        """experts: int[n] distinct, of MoE layer `layer` -> (int64[n] their slots, once resident; whether
+        `plan_ahead` ran). plan_ahead: called once the missing experts are queued, before waiting for them,
+        if there is anything to wait for (see `_route`)."""
         t0 = time.perf_counter()
         if self._last_layer_done is not None and self._decoding:
             compute = t0 - self._last_layer_done
@@ -527,9 +528,7 @@ class OffloadEngine:
         fusable = self.predictor is not None and hasattr(self.predictor, "to_fused") and self.planner.horizon > 0
         # a routing override (benchmarks) replaces the decision on the host, after the device has already
         # observed its own: such runs keep the predictor on the host, where it sees the replaced routing
-        fuse = self.fuse_predictor
-        if fuse is None:  # accelerators: always; the CPU backend: where the predictor measured faster fused
-            fuse = self.device.platform != "cpu" or getattr(self.predictor, "fused_on_cpu", False)
+        fuse = self.fuse_predictor if self.fuse_predictor is not None else self.device.platform != "cpu"
         if fuse and fusable and self.routing_override is None:
             key = (self.predictor, self.planner.horizon)
             if self._fused_for != key:  # predictors compare by identity

@@ -288,10 +288,6 @@ class LLaPorPredictor:
     """
 
     name = "llapor"
-    # the engine's default on the CPU backend: inside the layer's program (`to_fused`), where the device
-    # work overlaps the host's; measured on the default model, 25% / 50% cache, T_x = T_c: 64 / 91 tok/s
-    # fused against 61 / 85 in numpy on the host (gate-lookahead, cheaper, measured the same either way)
-    fused_on_cpu = True
 
     def __init__(self, cfg: LLaPorConfig, params: dict):
         self.cfg = cfg
