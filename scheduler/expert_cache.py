@@ -17,8 +17,8 @@ which issues it (jax.device_put) and returns a function that waits until it has 
 slot (or None when done at once). While one copy is on the link the thread has the next one issued,
 so the link does not idle while the thread finishes one copy and starts the next. With an
 `EmulatedLink` each copy takes bytes/bandwidth + latency of link time, back to back when queued; only
-the thread waits. A failure in the thread is re-raised in the main
-thread (same exception object, original traceback) at its next `ensure`, within `POLL_S` while it waits.
+the thread waits. A failure in the thread is re-raised in the main thread (same exception object,
+original traceback) at its next `ensure`, within `POLL_S` while it waits.
 """
 
 from __future__ import annotations
