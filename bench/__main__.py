@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"error: python -m bench: unknown subcommand {name!r}; available: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
+    from jaxmoe import compile_cache
+
+    compile_cache.enable()  # compiled programs kept between runs (warm-ups are excluded from every figure anyway)
     module = importlib.import_module(SUBCOMMANDS[name])
     sys.argv = [f"python -m bench {name}", *rest]
     return module.main(rest)

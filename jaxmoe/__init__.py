@@ -20,17 +20,9 @@ if EXACT_PRECISION_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + EXACT_PRECISION_FLAG).strip()
 
 from jaxmoe.errors import JaxmoeError  # noqa: E402
+from jaxmoe.tokenizer import load_tokenizer  # noqa: E402
 
-__all__ = ["load", "JaxmoeError"]
-
-
-def load_tokenizer(model_dir: Path):
-    """The model directory's tokenizer (transformers), or None when it ships none."""
-    if not (Path(model_dir) / "tokenizer.json").is_file() and not (Path(model_dir) / "tokenizer_config.json").is_file():
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+__all__ = ["load", "load_tokenizer", "JaxmoeError"]
 
 
 def load(path, dtype=None, **offload_options):

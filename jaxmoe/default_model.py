@@ -34,13 +34,13 @@ def asset_hash() -> str:
 
 def default_model_dir(progress: bool = True) -> Path:
     """The converted default model, converting the committed checkpoint on first use."""
-    from convert.converter import convert
-
     if not (ASSET_DIR / "config.json").is_file():
         raise JaxmoeError(f"{ASSET_DIR}: the default model is missing; train it with `python -m jaxmoe.train --out {ASSET_DIR}`")
     target = cache_root() / f"default-model-{asset_hash()}"
     if (target / "jaxmoe.json").is_file():
         return target
+    from convert.converter import convert  # only now: importing the converter takes seconds (transformers)
+
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f"{target.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

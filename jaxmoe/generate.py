@@ -52,7 +52,9 @@ def summary_line(stats: dict) -> str:
 
 def run(args) -> int:
     import jaxmoe
+    from jaxmoe import compile_cache
 
+    compile_cache.enable()
     if args.model is None:
         from jaxmoe.default_model import DEFAULT_PROMPT, default_model_dir
 

@@ -386,6 +386,9 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from jaxmoe import compile_cache
+
+    compile_cache.enable()
     return run_cli(run, args)
 
 

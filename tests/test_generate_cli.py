@@ -47,9 +47,9 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("cwd")
 
 
-def cli(workdir, *args, timeout=120):
+def cli(workdir, *args, timeout=120, **env_overrides):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", **env_overrides)
     return subprocess.run([sys.executable, "-m", "jaxmoe.generate", *map(str, args)], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -147,3 +147,20 @@ def test_fused_predictor_flag(offloaded, model_dir, workdir):
     assert fused["generated_ids"] == json.loads(offloaded_json.read_text())["generated_ids"]
     assert_refused(cli(workdir, "--model", model_dir, "--prompt", PROMPT, "--fuse-predictor", "on"),
                    "--fuse-predictor", "presched")
+
+
+def test_compiled_programs_are_kept_between_runs(offloaded, model_dir, workdir, tmp_path):
+    """The persistent compilation cache (jaxmoe.compile_cache): the first run fills it, the second finds
+    every program there (no new entry) and generates the same tokens."""
+    _, offloaded_json = offloaded
+    cache = tmp_path / "xla"
+    entries = []
+    for run in range(2):
+        out = workdir / f"cached-{run}.json"
+        proc = cli(workdir, "--model", model_dir, "--prompt", PROMPT, "--max-new-tokens", 8, "--output-json", out,
+                   "--cache-slots", 3, JAXMOE_COMPILE_CACHE=str(cache), JAX_COMPILATION_CACHE_DIR="")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(out.read_text())["generated_ids"] == json.loads(offloaded_json.read_text())["generated_ids"]
+        entries.append(sorted(p.name for p in cache.glob("*-cache")))
+    assert len(entries[0]) >= 5  # embedding, attention + router, experts, slot writes, logits, sampling
+    assert entries[1] == entries[0]
