@@ -1,7 +1,12 @@
 """Policy comparison: decode speed of every expert-cache policy x cache size, side by side in one run.
 
-    python -m bench.policies [--model DIR] [--cache 0.1,0.25,0.5] [--policies ...] [--link auto|GBPS[,US]]
-                             [--prompts N] [--max-new-tokens N] [--repeats N] [--out DIR]
+    python -m bench.policies [--model DIR] [--cache 0.1,0.25,0.5] [--policies ...] [--predictor SPEC]
+                             [--link auto|GBPS[,US]] [--prompts N] [--max-new-tokens N] [--repeats N] [--out DIR]
+
+`--policies` entries are policy names, or POLICY@PREDICTOR for a prefetching policy driven by a given
+predictor (gate-lookahead, previous-token, frequency or a trained LLaPor directory), so one run can put
+e.g. `prefetch@previous-token,prefetch@frequency,prefetch@gate-lookahead` side by side; a bare
+prefetching policy uses `--predictor` (default gate-lookahead).
 
 Each (policy, cache size) gets its own engine, a warm-up generation (compilation, cache fill) on a
 separate prompt, then `repeats` measured passes over the same prompts; the figures are medians over
@@ -28,7 +33,7 @@ from tqdm import tqdm
 import jaxmoe
 from jaxmoe.engine import ResidentEngine
 from jaxmoe.errors import JaxmoeError, run_cli
-from jaxmoe.offload import POLICIES
+from jaxmoe.offload import POLICIES, PREDICTOR_POLICIES
 
 DEFAULT_POLICIES = ("on-demand", "lfu", "prefetch", "presched", "adaptive", "oracle")
 
@@ -117,8 +122,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.policies", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=None, help="converted model (default: the embedded default model)")
     p.add_argument("--cache", default="0.1,0.25,0.5", help="cache sizes as fractions of all experts")
-    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
-    p.add_argument("--predictor", default=None, help="predictor for prefetch/presched/adaptive (default gate-lookahead)")
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
+                   help="comma-separated policies; POLICY@PREDICTOR picks a prefetching policy's predictor")
+    p.add_argument("--predictor", default=None,
+                   help="predictor of the prefetching policies given without @PREDICTOR (default gate-lookahead)")
     p.add_argument("--link", default="auto", help="'auto', 'none' or GBPS[,LATENCY_US]")
     p.add_argument("--prompts", type=int, default=6, help="measured prompts (the replay's six by default)")
     p.add_argument("--prompt-tokens", type=int, default=48)
@@ -137,10 +144,21 @@ def resolve_model_and_policies(args) -> list[str]:
 
         args.model = default_model_dir()
     policies = [x for x in args.policies.split(",") if x]
-    unknown = [x for x in policies if x not in POLICIES]
+    unknown = [x for x in policies if x.partition("@")[0] not in POLICIES]
     if unknown:
         raise JaxmoeError(f"--policies: unknown {unknown}; available: {', '.join(POLICIES)}")
     return policies
+
+
+def split_policy(entry: str, default_predictor: str | None) -> tuple[str, str | None]:
+    """A --policies entry, POLICY or POLICY@PREDICTOR -> (policy, predictor or None: the engine's default).
+    A predictor given to a policy that uses none raises."""
+    policy, _, predictor = entry.partition("@")
+    if predictor and policy not in PREDICTOR_POLICIES:
+        raise JaxmoeError(f"--policies {entry}: only {', '.join(PREDICTOR_POLICIES)} take a predictor")
+    if policy not in PREDICTOR_POLICIES:
+        return policy, None
+    return policy, predictor or default_predictor
 
 
 def add_ratios(rows: list[dict], metric: str) -> None:
@@ -156,7 +174,7 @@ def add_ratios(rows: list[dict], metric: str) -> None:
 
 
 def run(args) -> int:
-    policies = resolve_model_and_policies(args)
+    entries = [split_policy(x, args.predictor) for x in resolve_model_and_policies(args)]
     fractions = [float(x) for x in args.cache.split(",")]
     resident = jaxmoe.load(args.model)
     assert isinstance(resident, ResidentEngine)
@@ -176,17 +194,18 @@ def run(args) -> int:
         link = f"{expert_bytes / compute_s / 1e9:.6f},0"
     elif args.link != "none":
         link = args.link
-    combos = [(f, pol) for f in fractions for pol in policies]
-    for fraction, policy in tqdm(combos, desc="policy x cache", unit="run"):
+    combos = [(f, pol, pred) for f in fractions for pol, pred in entries]
+    for fraction, policy, predictor in tqdm(combos, desc="policy x cache", unit="run"):
         slots = max(cfg.num_experts_per_tok, int(round(fraction * total_experts)))
         options = {"cache_slots": slots, "policy": policy}
         if link:
             options["emulate_link"] = link
-        if args.predictor and policy in ("prefetch", "presched", "adaptive"):
-            options["predictor"] = args.predictor
+        if predictor:
+            options["predictor"] = predictor
         engine = jaxmoe.load(args.model, **options)
         r = run_engine(engine, prompts, args.max_new_tokens, args.repeats)
-        r.update(cache_fraction=fraction, cache_slots=slots, policy=policy)
+        r.update(cache_fraction=fraction, cache_slots=slots, policy=policy,
+                 predictor=getattr(engine.predictor, "name", None), predictor_spec=predictor)
         rows.append(r)
     add_ratios(rows, "decode_tokens_per_s")
     report = {
@@ -207,6 +226,11 @@ def run(args) -> int:
     return 0
 
 
+def policy_label(row: dict) -> str:
+    """`policy`, or `policy@predictor` where a --policies entry named the predictor."""
+    return f"{row['policy']}@{row['predictor']}" if row.get("predictor_spec") and row.get("predictor") else row["policy"]
+
+
 def markdown_table(report: dict) -> str:
     lines = [f"# Policy comparison — {report['family']} ({report['experts']}) on {report['device']}", ""]
     if report["emulated_link"]:
@@ -218,7 +242,7 @@ def markdown_table(report: dict) -> str:
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
     for r in report["runs"]:
         lines.append(
-            f"| {r['cache_fraction']:.0%} ({r['cache_slots']}) | {r['policy']} | {r['decode_tokens_per_s']:.1f} | "
+            f"| {r['cache_fraction']:.0%} ({r['cache_slots']}) | {policy_label(r)} | {r['decode_tokens_per_s']:.1f} | "
             f"{fmt(r['vs_on_demand'], '.2f')} | {fmt(r['vs_oracle'], '.2f')} | {r['hit_rate']:.3f} | "
             f"{r['stall_fraction']:.3f} | {fmt(r['prefetch_precision'], '.3f')} | {r['h2d_gb_per_token'] * 1e3:.3f} | "
             f"{r['ttft_s'] * 1e3:.0f} |")

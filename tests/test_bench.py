@@ -7,18 +7,22 @@ from bench.policies import main
 
 def test_policy_benchmark_smoke(converted_model, tmp_path, capsys):
     _, model_dir = converted_model("mixtral")
-    rc = main(["--model", str(model_dir), "--cache", "0.5", "--policies", "on-demand,presched,oracle",
+    rc = main(["--model", str(model_dir), "--cache", "0.5", "--policies", "on-demand,presched,prefetch@previous-token,oracle",
                "--repeats", "1", "--prompts", "1", "--max-new-tokens", "4", "--out", str(tmp_path)])
     assert rc == 0
     report = json.loads((tmp_path / "policies.json").read_text())
-    assert [r["policy"] for r in report["runs"]] == ["on-demand", "presched", "oracle"]
+    assert [r["policy"] for r in report["runs"]] == ["on-demand", "presched", "prefetch", "oracle"]
+    assert [r["predictor"] for r in report["runs"]] == [None, "gate-lookahead", "previous-token", None]
     assert report["emulated_link"] and "auto" in report["emulated_link"]
     for r in report["runs"]:
         assert r["decode_tokens_per_s"] > 0 and 0 <= r["hit_rate"] <= 1 and r["cache_slots"] == 9
         assert r["vs_oracle"] is not None
     table = (tmp_path / "policies.md").read_text()
-    assert "EMULATED LINK" in table and "presched" in table
+    assert "EMULATED LINK" in table and "| presched |" in table and "| prefetch@previous-token |" in table
     assert "EMULATED LINK" in capsys.readouterr().out
+    assert main(["--model", str(model_dir), "--policies", "on-demand@frequency", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--policies on-demand@frequency" in err[0] and "take a predictor" in err[0]
 
 
 def test_predictor_cost_smoke(converted_model, tmp_path):
