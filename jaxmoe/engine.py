@@ -24,6 +24,26 @@ from jaxmoe.sampling import sample_tokens
 
 MIN_BUCKET = 16
 
+# Lowering + XLA compilation (or loading from the persistent cache, jaxmoe.compile_cache) of jitted
+# programs, from JAX's monitoring events; tracing is left out, since a jit traced inside another's trace
+# reports its own trace time within the outer one's. `generate_loop` reports a run's share as compile_s.
+COMPILE_EVENTS = frozenset({"/jax/core/compile/jaxpr_to_mlir_module_duration",
+                            "/jax/core/compile/backend_compile_duration"})
+_compile_seconds = [0.0]  # process-wide: concurrent generations in one process see each other's
+
+
+def _count_compile(event: str, duration: float, **_) -> None:
+    if event in COMPILE_EVENTS:
+        _compile_seconds[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent lowering and compiling jitted programs so far."""
+    return _compile_seconds[0]
+
 
 class StaticGraph:
     """A GraphDef (and optionally the treedef of its state) for `jax.jit` static arguments, hashed once.
@@ -124,10 +144,12 @@ def generate_loop(runner: StepRunner, cfg: ModelConfig, prompt_ids, max_new_toke
     def pick(logits, step):
         return sample_tokens(logits, key, step, temperature, greedy, sampling.top_k, sampling.top_p)
 
+    compile0 = compile_seconds()
     t0 = time.perf_counter()
     token = pick(runner.prefill(tokens, n), 0)
     generated = [int(token[0])]
     ttft = time.perf_counter() - t0
+    ttft_compile = compile_seconds() - compile0
     if on_token:
         on_token(generated[-1])
     t1 = time.perf_counter()
@@ -147,6 +169,10 @@ def generate_loop(runner: StepRunner, cfg: ModelConfig, prompt_ids, max_new_toke
         "prefill_tokens_per_s": n / ttft,
         "decode_tokens_per_s": decoded / decode_s if decoded else 0.0,
         "decode_s": decode_s,
+        # lowering + XLA compilation inside this run: first runs of new shapes only (persistent cache
+        # aside), so TTFT and decode tok/s of a first run are slower by this much
+        "compile_s": compile_seconds() - compile0,
+        "ttft_compile_s": ttft_compile,
     }
     stats.update(runner.stats())
     return GenerationResult(prompt_ids, generated, stats)

@@ -46,6 +46,7 @@ def summary_line(stats: dict) -> str:
         f"TTFT {stats['ttft_s'] * 1000:.0f} ms | hit rate {stats['hit_rate']:.3f} | "
         f"H2D {stats['h2d_bytes'] / 1e9:.3f} GB | stall {stats['stall_s']:.3f} s | "
         f"peak device {stats['peak_device_bytes'] / 2**20:.1f} MiB | policy {stats['policy']}"
+        + (f" | compile {stats['compile_s']:.1f} s" if stats.get("compile_s", 0) >= 0.05 else "")
         + (f" | EMULATED LINK {stats['emulated_link']}" if stats.get("emulated_link") else "")
     )
 

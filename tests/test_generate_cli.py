@@ -160,7 +160,11 @@ def test_compiled_programs_are_kept_between_runs(offloaded, model_dir, workdir, 
         proc = cli(workdir, "--model", model_dir, "--prompt", PROMPT, "--max-new-tokens", 8, "--output-json", out,
                    "--cache-slots", 3, JAXMOE_COMPILE_CACHE=str(cache), JAX_COMPILATION_CACHE_DIR="")
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(out.read_text())["generated_ids"] == json.loads(offloaded_json.read_text())["generated_ids"]
+        payload = json.loads(out.read_text())
+        assert payload["generated_ids"] == json.loads(offloaded_json.read_text())["generated_ids"]
+        if run == 0:  # everything compiled in this run: the summary says for how long
+            assert payload["stats"]["compile_s"] >= payload["stats"]["ttft_compile_s"] > 0
+            assert f"compile {payload['stats']['compile_s']:.1f} s" in proc.stderr.strip().splitlines()[-1]
         entries.append(sorted(p.name for p in cache.glob("*-cache")))
     assert len(entries[0]) >= 5  # embedding, attention + router, experts, slot writes, logits, sampling
     assert entries[1] == entries[0]
