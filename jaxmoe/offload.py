@@ -40,6 +40,7 @@ from scheduler.planners import Adaptive, NoPrefetch, OraclePlanner, PlanContext,
 EXPERT_NAMES = ("w_gate", "w_up", "w_down")
 PREFILL_CHUNK = 256  # tokens per prefill chunk
 DEVICE_MARGIN = 0.10  # fraction of device memory left free when sizing the cache automatically
+NOT_PLANNED = object()  # a layer whose next transfers are planned after its dispatch (see `_route`)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +289,6 @@ class OffloadEngine:
         # third of the CPU time of two, ~110 against ~380 us per expert of the default model) instead of a
         # device_put the transfer thread waits on before writing the slot (accelerators)
         self.copy_inside_write = self.device.platform == "cpu"
-        self._last_scores = None
 
     def _new_cache(self, planner, eviction) -> None:
         self.planner = planner
@@ -386,10 +386,10 @@ class OffloadEngine:
         return land
 
     # -- one MoE layer -------------------------------------------------------------------------------
-    def _ensure(self, layer: int, experts: np.ndarray, plan_ahead=None) -> tuple[np.ndarray, bool]:
-        """experts: int[n] distinct, of MoE layer `layer` -> (int64[n] their slots, once resident; whether
-        `plan_ahead` ran). plan_ahead: called once the missing experts are queued, before waiting for them,
-        if there is anything to wait for (see `_route`)."""
+    def _ensure(self, layer: int, experts: np.ndarray, plan_ahead=None) -> tuple[np.ndarray, object]:
+        """experts: int[n] distinct, of MoE layer `layer` -> (int64[n] their slots, once resident; what
+        `plan_ahead` returned, or NOT_PLANNED). plan_ahead: called once the missing experts are queued,
+        before waiting for them, if there is anything to wait for (see `_route`)."""
         t0 = time.perf_counter()
         if self._last_layer_done is not None and self._decoding:
             compute = t0 - self._last_layer_done
@@ -397,9 +397,7 @@ class OffloadEngine:
         self.cache.policy.at_step(self.pos_of_layer[layer], len(self._requests))
         request = self.cache.request_slots(layer, experts)
         self._requests.append((layer, experts))
-        planned = plan_ahead is not None and request.must_wait
-        if planned:
-            plan_ahead()
+        planned = plan_ahead() if plan_ahead is not None and request.must_wait else NOT_PLANNED
         self.cache.wait_for(request)
         self._last_layer_done = time.perf_counter()
         return request.slots, planned
@@ -408,7 +406,8 @@ class OffloadEngine:
         """Host side of one MoE layer: the routing decision to the host (the only device->host copy),
         experts loaded in groups of at most num_slots. -> (slot_ids int32[N, k] of the last group,
         routed output [N, d] of the earlier groups or None, kernel, needed, valid_ids int32[n, k] (the real
-        tokens' routing), packed features (`moe_front`) or None, whether the next transfers were planned)."""
+        tokens' routing), packed features (`moe_front`) or None, the scores the next transfers were
+        planned from if they were (`_plan_ahead`), else NOT_PLANNED)."""
         packed = None
         if self._decoding and self.predictor is not None:  # the routing plus the predictor's inputs or scores
             packed = np.asarray(features)
@@ -425,7 +424,7 @@ class OffloadEngine:
         routed = None
         groups = [needed] if len(needed) <= self.num_slots else [
             needed[start : start + self.num_slots] for start in range(0, len(needed), self.num_slots)]
-        planned = False
+        planned = NOT_PLANNED
         # decode: when this layer must wait for transfers, the next layer's prefetches are planned and
         # queued right after its misses, so they start while it waits and computes (planned after the
         # dispatch they had only what is left of the layer's compute after the planning to land: 0.42
@@ -460,16 +459,14 @@ class OffloadEngine:
             self.predictor.observe(pos, needed if valid_ids is None else valid_ids[-1])
         scores = self._plan_prefetch(pos, packed)
         self.cache.policy.set_predictions(self.planner.use_probability)
-        self._last_scores = scores
         return scores
 
-    def _after_layer(self, pos: int, needed, valid_ids, packed, planned: bool) -> None:
-        """Bookkeeping and, unless `_route` already planned them, the next transfers, while the device
-        computes what was just dispatched. valid_ids: int32[n, k], the routing of the chunk's real tokens
-        (one in decode)."""
-        if planned:
-            scores = self._last_scores
-        else:
+    def _after_layer(self, pos: int, needed, valid_ids, packed, planned) -> None:
+        """Bookkeeping and, unless `_route` already planned them (`planned`: the scores they were planned
+        from, or NOT_PLANNED), the next transfers, while the device computes what was just dispatched.
+        valid_ids: int32[n, k], the routing of the chunk's real tokens (one in decode)."""
+        scores = planned
+        if planned is NOT_PLANNED:
             scores = self._plan_ahead(pos, needed, packed, None if self._decoding else valid_ids)
         if self.layer_observer is not None:
             self.layer_observer(pos, self._decoding, valid_ids, scores)
