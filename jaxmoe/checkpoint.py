@@ -85,7 +85,7 @@ def abstract_model(cfg: ModelConfig, dtype=None):
     """(graphdef, abstract state) of the model, no memory allocated."""
     from jaxmoe.model import MoEModel
 
-    model = nnx.eval_shape(lambda: MoEModel(cfg, nnx.Rngs(0), dtype=dtype))
+    model = nnx.eval_shape(lambda: MoEModel(cfg, None, dtype=dtype))  # rngs None: no random draws to trace
     return nnx.split(model)
 
 

@@ -12,7 +12,12 @@ from flax import nnx
 INIT_STD = 0.02
 
 
-def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = INIT_STD) -> nnx.Param:
+def normal_param(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, std: float = INIT_STD) -> nnx.Param:
+    """A parameter drawn from N(0, std^2); rngs None: zeros, for models built only for their shapes
+    (`jaxmoe.checkpoint.abstract_model`: under `nnx.eval_shape` tracing the random draw costs ~10 ms per
+    parameter, 5.7 s for the Qwen3-30B-A3B shape against 0.7 s with zeros)."""
+    if rngs is None:
+        return nnx.Param(jnp.zeros(shape, dtype))
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype=jnp.float32).astype(dtype))
 
 

@@ -63,7 +63,8 @@ class DecoderLayer(nnx.Module):
 
 
 class MoEModel(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype=None):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs | None, dtype=None):
+        """rngs None: every weight zeros (`jaxmoe.layers.normal_param`), for the abstract model of a checkpoint."""
         dtype = jnp.dtype(dtype or cfg.dtype)
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype, rngs)
