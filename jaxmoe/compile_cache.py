@@ -15,7 +15,7 @@ The directory is not size-bounded (JAX's bound rescans every entry on each write
 ~1,800 entries made it crawl); entries are added only for new programs (a new model, shape or
 version), tens of KB each on CPU. Delete the directory to clear it.
 
-The commands (generate, bench, predictors) enable it; `jaxmoe.load` does not touch JAX's global
+The commands (`jaxmoe.generate`, `bench`, `predictors.trace`) enable it; `jaxmoe.load` does not touch JAX's global
 configuration, so library users call `enable()` themselves if they want it.
 May import jax and `jaxmoe.default_model`.
 """

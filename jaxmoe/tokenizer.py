@@ -76,7 +76,7 @@ def direct_tokenizer(model_dir: Path) -> DirectTokenizer | None:
         return None
     from tokenizers import Tokenizer
 
-    backend = Tokenizer.from_str(json.dumps(spec))
+    backend = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     if backend.get_vocab_size(with_added_tokens=True) > MISTRAL_PATCH_VOCAB:
         return None
     return DirectTokenizer(backend)

@@ -5,8 +5,8 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the commands' persistent compilation cache (jaxmoe.compile_cache) stays off in tests: the suite compiles
-# thousands of distinct programs, and writing each to disk cost more than reloading saved (the suite ran
-# ~50% longer). test_generate_cli checks the cache with a directory of its own.
+# thousands of distinct programs, each used in one test, so it has nothing to gain, and with the cache on
+# it ran ~50% longer. test_generate_cli checks the cache with a directory of its own.
 os.environ.setdefault("JAXMOE_COMPILE_CACHE", "off")
 
 import pytest  # noqa: E402
