@@ -54,7 +54,12 @@ def summary_line(stats: dict) -> str:
 def run(args) -> int:
     import jaxmoe
     from jaxmoe import compile_cache
+    from jaxmoe.engine import SamplingParams
 
+    # flags that need no model fail before it loads (seconds)
+    SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
+    if args.max_new_tokens < 1:
+        raise JaxmoeError("--max-new-tokens must be >= 1")
     compile_cache.enable()
     if args.model is None:
         from jaxmoe.default_model import DEFAULT_PROMPT, default_model_dir

@@ -112,6 +112,12 @@ def test_refuses_missing_model_dir(workdir):
     assert_refused(cli(workdir, "--model", missing, "--prompt", "x"), str(missing), "no such directory")
 
 
+def test_refuses_bad_sampling_flags_before_loading(workdir):
+    missing = workdir / "no-such-model"  # checked only after the flags that need no model
+    assert_refused(cli(workdir, "--model", missing, "--prompt", "x", "--temperature", "-1"), "--temperature")
+    assert_refused(cli(workdir, "--model", missing, "--prompt", "x", "--max-new-tokens", "0"), "--max-new-tokens")
+
+
 def test_refuses_unconverted_dir(workdir):
     bogus = workdir / "not-a-model"
     bogus.mkdir(exist_ok=True)
