@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 import jaxmoe
-from jaxmoe.engine import ResidentEngine
+from jaxmoe.engine import ResidentEngine, cache_length
 from jaxmoe.errors import JaxmoeError, run_cli
 from jaxmoe.offload import POLICIES, PREDICTOR_POLICIES
 
@@ -73,18 +73,22 @@ def make_prompts(engine, count: int, length: int, seed: int = 0) -> list[list[in
 
 
 def run_engine(engine, prompts, max_new_tokens: int, repeats: int) -> dict:
-    """Warm-up on prompts[0] (and the prefill of every measured prompt: the offloaded prefill kernel
-    compiles once per bucket of rows per expert group, which depends on the routing, so a first pass over
-    new prompts would time compilations as TTFT), then `repeats` passes over prompts[1:]; medians of
-    per-pass aggregates."""
+    """Warm-up: a generation of prompts[0], then of every measured prompt just long enough to allocate
+    the KV cache the measured ones do (the offloaded prefill kernel compiles once per bucket of rows per
+    expert group, which depends on the routing, and per KV-cache length: a 1-token warm-up, shorter than
+    that, left programs to compile inside the measured TTFT, 1.8-2.3 s for one prompt of six), then
+    `repeats` passes over prompts[1:]; medians of per-pass aggregates. `measured_compile_s`: compilation
+    inside the measured passes (0 when the warm-up covered every program)."""
     engine.generate(prompts[0], max_new_tokens)
     for prompt in prompts[1:]:
-        engine.generate(prompt, 1)
+        engine.generate(prompt, warmup_tokens(len(prompt), max_new_tokens))
     passes = []
+    measured_compile_s = 0.0
     for _ in range(repeats):
         decode_s = tokens = stall = h2d = hits = requests = prefetches = prefetch_hits = ttft = 0.0
         for prompt in prompts[1:]:
             s = engine.generate(prompt, max_new_tokens).stats
+            measured_compile_s += s["compile_s"]
             decoded = s["generated_tokens"] - 1
             decode_s += s["decode_s"]
             tokens += decoded
@@ -107,7 +111,15 @@ def run_engine(engine, prompts, max_new_tokens: int, repeats: int) -> dict:
     # a figure can be undefined in some passes only (prefetch precision of a pass that prefetched nothing)
     out = {k: statistics.median(vals) if (vals := [p[k] for p in passes if p[k] is not None]) else None for k in passes[0]}
     out["decode_tokens_per_s_all_passes"] = [p["decode_tokens_per_s"] for p in passes]
+    out["measured_compile_s"] = measured_compile_s
     return out
+
+
+def warmup_tokens(prompt_len: int, max_new_tokens: int) -> int:
+    """The fewest new tokens whose generation allocates the same KV cache (so runs the same programs) as
+    one of `max_new_tokens`."""
+    target = cache_length(prompt_len, max_new_tokens)
+    return next(t for t in range(1, max_new_tokens + 1) if cache_length(prompt_len, t) == target)
 
 
 def layer_compute_seconds(model_dir, prompts, max_new_tokens: int) -> float:
@@ -126,6 +138,8 @@ def main(argv=None) -> int:
                    help="comma-separated policies; POLICY@PREDICTOR picks a prefetching policy's predictor")
     p.add_argument("--predictor", default=None,
                    help="predictor of the prefetching policies given without @PREDICTOR (default gate-lookahead)")
+    p.add_argument("--fuse-predictor", choices=("auto", "on", "off"), default="auto",
+                   help="the prefetching policies' predictor inside each MoE layer's program (auto: on accelerators)")
     p.add_argument("--link", default="auto", help="'auto', 'none' or GBPS[,LATENCY_US]")
     p.add_argument("--prompts", type=int, default=6, help="measured prompts (the replay's six by default)")
     p.add_argument("--prompt-tokens", type=int, default=48)
@@ -202,10 +216,13 @@ def run(args) -> int:
             options["emulate_link"] = link
         if predictor:
             options["predictor"] = predictor
+        if policy in PREDICTOR_POLICIES and args.fuse_predictor != "auto":
+            options["fuse_predictor"] = args.fuse_predictor == "on"
         engine = jaxmoe.load(args.model, **options)
         r = run_engine(engine, prompts, args.max_new_tokens, args.repeats)
         r.update(cache_fraction=fraction, cache_slots=slots, policy=policy,
-                 predictor=getattr(engine.predictor, "name", None), predictor_spec=predictor)
+                 predictor=getattr(engine.predictor, "name", None), predictor_spec=predictor,
+                 predictor_fused=engine.stats()["predictor_fused"])
         rows.append(r)
     add_ratios(rows, "decode_tokens_per_s")
     report = {

@@ -90,6 +90,11 @@ def bucket_length(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
 
 
+def cache_length(prompt_len: int, max_new_tokens: int) -> int:
+    """Positions of the KV cache a generation allocates: every jitted program's shapes depend on it."""
+    return bucket_length(max(bucket_length(prompt_len), prompt_len + max_new_tokens))
+
+
 @dataclass
 class GenerationResult:
     prompt_ids: list[int]
@@ -134,7 +139,7 @@ def generate_loop(runner: StepRunner, cfg: ModelConfig, prompt_ids, max_new_toke
         raise JaxmoeError("--max-new-tokens must be >= 1")
     n = len(prompt_ids)
     padded_len = bucket_length(n)
-    runner.start(bucket_length(max(padded_len, n + max_new_tokens)))
+    runner.start(cache_length(n, max_new_tokens))
     tokens = np.zeros((1, padded_len), np.int32)
     tokens[0, :n] = prompt_ids
     key = jax.random.key(sampling.seed)

@@ -276,8 +276,8 @@ class OffloadEngine:
         # whether predictors that can run inside the layer's program (`to_fused`) do; None: on accelerators
         # only. On the CPU backend the "device" is the host's own cores: gate-lookahead costs less in numpy
         # than in XLA (`python -m bench predictor-cost`) and measured the same live either way; LLaPor
-        # decoded faster fused in a single-engine A/B but not in `bench policies`, where every prefill
-        # bucket's compilation then includes it (TTFT 0.35-1.2 s against 0.1-0.2 s)
+        # decoded 5-9% faster fused in single-engine A/Bs, within the noise of `bench policies`
+        # (--fuse-predictor on against off, two runs)
         self.fuse_predictor = None
         self._fused = self._fused_for = None
         self._scorer = None
