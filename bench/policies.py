@@ -1,7 +1,8 @@
 """Policy comparison: decode speed of every expert-cache policy x cache size, side by side in one run.
 
-    python -m bench.policies [--model DIR] [--cache 0.1,0.25,0.5] [--policies ...] [--predictor SPEC]
-                             [--link auto|GBPS[,US]] [--prompts N] [--max-new-tokens N] [--repeats N] [--out DIR]
+    python -m bench policies [--model DIR] [--cache 0.1,0.25,0.5] [--policies ...] [--predictor SPEC]
+                             [--fuse-predictor auto|on|off] [--link auto|GBPS[,US]] [--prompts N]
+                             [--max-new-tokens N] [--repeats N] [--out DIR]
 
 `--policies` entries are policy names, or POLICY@PREDICTOR for a prefetching policy driven by a given
 predictor (gate-lookahead, previous-token, frequency or a trained LLaPor directory), so one run can put
