@@ -152,8 +152,10 @@ def main(argv=None) -> int:
     return run_cli(run, args)
 
 
-def resolve_model_and_policies(args) -> list[str]:
-    """Fills in the default model for a missing --model; --policies -> the list (unknown names raise)."""
+def resolve_model_and_policies(args, with_predictors: bool = False) -> list:
+    """Fills in the default model for a missing --model; --policies -> the list of policies (unknown names
+    raise), or with_predictors: of (policy, predictor or None) pairs from POLICY@PREDICTOR entries
+    (`split_policy`, default `args.predictor`). Without it a POLICY@PREDICTOR entry raises."""
     if args.model is None:
         from jaxmoe.default_model import default_model_dir
 
@@ -162,6 +164,12 @@ def resolve_model_and_policies(args) -> list[str]:
     unknown = [x for x in policies if x.partition("@")[0] not in POLICIES]
     if unknown:
         raise JaxmoeError(f"--policies: unknown {unknown}; available: {', '.join(POLICIES)}")
+    if with_predictors:
+        return [split_policy(x, args.predictor) for x in policies]
+    named = [x for x in policies if "@" in x]
+    if named:
+        raise JaxmoeError(f"--policies {named[0]}: POLICY@PREDICTOR is for `python -m bench policies`; here --predictor "
+                          "picks the one predictor")
     return policies
 
 
@@ -189,7 +197,7 @@ def add_ratios(rows: list[dict], metric: str) -> None:
 
 
 def run(args) -> int:
-    entries = [split_policy(x, args.predictor) for x in resolve_model_and_policies(args)]
+    entries = resolve_model_and_policies(args, with_predictors=True)
     fractions = [float(x) for x in args.cache.split(",")]
     resident = jaxmoe.load(args.model)
     assert isinstance(resident, ResidentEngine)

@@ -67,7 +67,7 @@ def test_right_predictions_hide_transfers_and_wrong_ones_cost_link_time():
     assert bad["hit_rate"] <= on_demand["hit_rate"] + 1e-9
 
 
-def test_replay_cli_writes_report(tmp_path):
+def test_replay_cli_writes_report(tmp_path, capsys):
     argv = ["--prompts", "1", "--max-new-tokens", "4", "--cache", "0.25", "--policies", "on-demand,presched,oracle",
             "--out", str(tmp_path)]
     assert bench_main(["replay", *argv]) == 0
@@ -78,3 +78,8 @@ def test_replay_cli_writes_report(tmp_path):
         assert 0 < r["speed_vs_stall_free"] <= 1.0 and 0 <= r["hit_rate"] <= 1.0
     assert runs["oracle"]["vs_oracle"] == 1.0
     assert "| 25% (64) | presched |" in (tmp_path / "replay.md").read_text()
+    # POLICY@PREDICTOR entries belong to bench policies: refused here with one line, before any recording
+    assert bench_main(["replay", "--policies", "prefetch@frequency", "--out", str(tmp_path / "refused")]) == 2
+    assert not (tmp_path / "refused").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --policies prefetch@frequency:") and "Traceback" not in "".join(err)
