@@ -127,6 +127,12 @@ class StepRunner(Protocol):
     def stats(self) -> dict: ...
 
 
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    """`generate_loop`'s check of the token budget, callable before a model is loaded (the CLI)."""
+    if max_new_tokens < 1:
+        raise JaxmoeError("--max-new-tokens must be >= 1")
+
+
 def generate_loop(runner: StepRunner, cfg: ModelConfig, prompt_ids, max_new_tokens: int, sampling: SamplingParams,
                   on_token: Callable[[int], None] | None = None) -> GenerationResult:
     """Prefill, then decode up to `max_new_tokens` tokens (stopping after an EOS token)."""
@@ -135,8 +141,7 @@ def generate_loop(runner: StepRunner, cfg: ModelConfig, prompt_ids, max_new_toke
         raise JaxmoeError("the prompt is empty")
     if any(not 0 <= t < cfg.vocab_size for t in prompt_ids):
         raise JaxmoeError(f"prompt token ids must be in [0, {cfg.vocab_size})")
-    if max_new_tokens < 1:
-        raise JaxmoeError("--max-new-tokens must be >= 1")
+    check_max_new_tokens(max_new_tokens)
     n = len(prompt_ids)
     padded_len = bucket_length(n)
     runner.start(cache_length(n, max_new_tokens))

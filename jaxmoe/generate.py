@@ -54,12 +54,11 @@ def summary_line(stats: dict) -> str:
 def run(args) -> int:
     import jaxmoe
     from jaxmoe import compile_cache
-    from jaxmoe.engine import SamplingParams
+    from jaxmoe.engine import SamplingParams, check_max_new_tokens
 
-    # flags that need no model fail before it loads (seconds)
+    # flags that need no model fail before it loads (seconds): the checks generate runs again later
     SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
-    if args.max_new_tokens < 1:
-        raise JaxmoeError("--max-new-tokens must be >= 1")
+    check_max_new_tokens(args.max_new_tokens)
     compile_cache.enable()
     if args.model is None:
         from jaxmoe.default_model import DEFAULT_PROMPT, default_model_dir
