@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxmoe.checkpoint import abstract_model, restore_layer_experts, restore_piece, split_layer, with_sharding
 from jaxmoe.config import ModelConfig, load_config
-from jaxmoe.engine import SamplingParams, device_peak_bytes, flat_state, generate_loop, tree_bytes
+from jaxmoe.engine import SamplingParams, compile_seconds, device_peak_bytes, flat_state, generate_loop, tree_bytes
 from jaxmoe.errors import JaxmoeError
 from jaxmoe.inplace import update_row
 from jaxmoe.model import ATTENTION_MODULES, lm_logits
@@ -36,6 +36,7 @@ from scheduler.eviction import LFU, LRU, Belady, ExpectedReuse
 from scheduler.expert_cache import ExpertCache
 from scheduler.link import EmulatedLink
 from scheduler.planners import Adaptive, NoPrefetch, OraclePlanner, PlanContext, PreSched, TopKPrefetch
+from scheduler.speculation import Speculation
 
 EXPERT_NAMES = ("w_gate", "w_up", "w_down")
 PREFILL_CHUNK = 256  # tokens per prefill chunk
@@ -110,6 +111,63 @@ def moe_back_front(graphdef, state, h, flat, slot_ids, weights, slots, routed_pa
     h = moe_back.__wrapped__(graphdef, state, h, flat, routed)
     return moe_front.__wrapped__(next_graphdef, next_state, h, next_cache, positions, scorer, scorer_params,
                                  scorer_state, next_pos, last_row)
+
+
+@partial(jax.jit, static_argnames=("graphs", "norm_graph", "scorer"), donate_argnames=("kv",))
+def decode_token_over_slots(graphs, states, kv, embedding, norm_graph, norm_state, head, token, positions, slot_table,
+                            slots, forced_ids=None, scorer=None, scorer_params=None, scorer_state=None):
+    """One whole decode step in one program, every routed expert read from the slot buffers as
+    `slot_table` says (see scheduler.speculation).
+
+    graphs: per layer (is_moe, StaticGraph); states: per layer its flat state leaves; kv: per layer its
+    cache (donated); token int32[1]; positions int32[1, 1]; slot_table int32[P, E]: the slot of each
+    (MoE position, expert), -1 where not resident; forced_ids int32[P, k] or None: the routing to use
+    instead of the routers' top-k (benchmarks' replayed routing); scorer: a fused predictor, whose state
+    is updated at every MoE position and whose scores at the last one are returned.
+
+    -> (logits float32[1, V], kv, summary float32[P*k + P + F], h_in [P, 1, 1, d], scorer_state):
+    summary holds each MoE position's expert ids (row-major), whether any of them was missing from the
+    table (1.0) and the last position's features as `moe_front` packs them (F values); h_in is the
+    hidden state entering each MoE layer, from which the layer path redoes a token after a miss. The
+    scorer state keeps the rows of positions before the first miss only (each row is written by its own
+    position), so a redo starts from what the layer path would have had."""
+    h = jnp.take(embedding, token[:, None], axis=0)
+    kv = list(kv)
+    ids_all, missing_all, h_in = [], [], []
+    new_scorer_state = scorer_state
+    features = None
+    for i, ((is_moe, graph), state) in enumerate(zip(graphs, states)):
+        layer = graph.merge(state)
+        if not is_moe:
+            h, kv[i], _ = layer(h, kv[i], positions)
+            continue
+        pos = len(ids_all)
+        h_in.append(h)
+        h, kv[i], x = layer.attention_block(h, kv[i], positions)
+        flat = x.reshape(-1, x.shape[-1])
+        ids, weights, logits = layer.moe.route(flat)
+        if forced_ids is not None:
+            ids = forced_ids[pos][None]
+        slot_ids = slot_table[pos][ids]  # [1, k]
+        ids_all.append(ids[0])
+        missing_all.append(jnp.any(slot_ids < 0))
+        if scorer is None:
+            features = jnp.concatenate([ids[-1].astype(jnp.float32), h[0, -1].astype(jnp.float32), logits[-1]])
+        else:
+            scores, new_scorer_state = scorer(scorer_params, new_scorer_state, pos, h[0, -1], logits[-1], ids[-1])
+            features = jnp.concatenate([ids[-1].astype(jnp.float32), scores.reshape(-1).astype(jnp.float32)])
+        routed = routed_over_slots.__wrapped__(flat, slot_ids, weights, slots, "gather")
+        h = moe_back.__wrapped__(graph, state, h, flat, routed)
+    g = norm_graph.merge(norm_state)
+    logits = lm_logits(g, head, h[:, -1])
+    missing = jnp.stack(missing_all)
+    if scorer is not None:  # rows at and after the first miss: as they were
+        first_miss = jnp.argmax(jnp.concatenate([missing, jnp.ones(1, bool)]))
+        keep = lambda new, old: jnp.where(  # noqa: E731
+            (jnp.arange(new.shape[0]) < first_miss).reshape(-1, *([1] * (new.ndim - 1))), new, old)
+        new_scorer_state = jax.tree.map(keep, new_scorer_state, scorer_state)
+    summary = jnp.concatenate([jnp.stack(ids_all).reshape(-1).astype(jnp.float32), missing.astype(jnp.float32), features])
+    return logits, kv, summary, jnp.stack(h_in), new_scorer_state
 
 
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -218,6 +276,7 @@ def choose_num_slots(cfg: ModelConfig, expert_bytes: int, resident_bytes: int, d
 
 
 POLICIES = ("on-demand", "lfu", "prefetch", "presched", "adaptive", "oracle")
+SPECULATE_MODES = ("auto", "on", "off")
 PREDICTOR_POLICIES = ("prefetch", "presched", "adaptive")
 PREDICTORS = ("gate-lookahead", "previous-token", "frequency")
 
@@ -289,6 +348,11 @@ class OffloadEngine:
         # third of the CPU time of two, ~110 against ~380 us per expert of the default model) instead of a
         # device_put the transfer thread waits on before writing the slot (accelerators)
         self.copy_inside_write = self.device.platform == "cpu"
+        # decode steps as one whole-token program when the cache holds what they route to (see
+        # scheduler.speculation and `_speculate`)
+        self.speculation = Speculation("auto")
+        self._token_graphs = tuple((bool(is_moe), g) for is_moe, g, _, _ in layer_parts)
+        self._token_states = tuple(leaves for _, _, leaves, _ in layer_parts)
 
     def _new_cache(self, planner, eviction) -> None:
         self.planner = planner
@@ -298,7 +362,8 @@ class OffloadEngine:
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def load(cls, model_dir, dtype=None, tokenizer=None, cache_slots=None, expert_cache_gb=None,
-             policy="on-demand", predictor=None, emulate_link=None, max_len: int = 4096, fuse_predictor=None):
+             policy="on-demand", predictor=None, emulate_link=None, max_len: int = 4096, fuse_predictor=None,
+             speculate: str = "auto"):
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise JaxmoeError(f"{model_dir}: no such directory")
@@ -310,6 +375,8 @@ class OffloadEngine:
         if fuse_predictor is not None and policy not in PREDICTOR_POLICIES:
             raise JaxmoeError(f"--fuse-predictor only applies to the policies {', '.join(PREDICTOR_POLICIES)}")
         link = EmulatedLink.parse(emulate_link) if emulate_link is not None else None
+        if speculate not in SPECULATE_MODES:
+            raise JaxmoeError(f"--speculate {speculate!r}: expected one of {', '.join(SPECULATE_MODES)}")
         cfg = load_config(model_dir)
         if not cfg.moe_layer_ids:
             raise JaxmoeError(f"{model_dir}: the model has no MoE layers to offload")
@@ -344,6 +411,7 @@ class OffloadEngine:
         if predictor is not None:
             engine.predictor = engine.build_predictor(predictor)
         engine.fuse_predictor = fuse_predictor
+        engine.speculation = Speculation(speculate)
         return engine
 
     def build_predictor(self, spec: str):
@@ -470,6 +538,8 @@ class OffloadEngine:
             scores = self._plan_ahead(pos, needed, packed, None if self._decoding else valid_ids)
         if self.layer_observer is not None:
             self.layer_observer(pos, self._decoding, valid_ids, scores)
+        if self._token_needed is not None:
+            self._token_needed.append(needed)
         eviction = self.cache.policy
         tokens = max(len(valid_ids), 1)
         eviction.observe(pos, np.bincount(valid_ids.reshape(-1), minlength=self.cfg.num_experts) / tokens, tokens)
@@ -519,6 +589,9 @@ class OffloadEngine:
         self._requests: list[tuple[int, np.ndarray]] = []  # each ensure: (layer, experts)
         self._last_layer_done = None
         self._layer_compute_s = None
+        self._timed_token = None  # (speculated, redo fraction, start, compile seconds at start) of the last decode step
+        self._token_needed = None  # a layer-path decode step's experts per MoE position, when auto mode asks
+        self._spec_tokens = self._spec_redone = 0
         if self.predictor is not None:
             self.predictor.reset()
         self._scorer = self._scorer_params = self._scorer_state = None
@@ -544,16 +617,19 @@ class OffloadEngine:
                 "last_row": self._row_scalars[0] if last_row == 0 else np.int32(last_row),
                 "pos": self._row_scalars[self.pos_of_layer[layer]]}
 
-    def _forward(self, tokens, positions, valid_rows: np.ndarray):
-        """tokens, positions: int32[1, T] -> h [1, T, d] (pre final norm), updating the KV cache.
+    def _forward(self, tokens, positions, valid_rows: np.ndarray, first_layer: int = 0, h=None):
+        """tokens, positions: int32[1, T] -> h [1, T, d] (pre final norm), updating the KV cache; from layer
+        `first_layer` on, with `h` the hidden state entering it, if given.
 
         Steady state is one jitted dispatch per MoE layer (`moe_back_front`: layer l's experts, shared
         expert and residual, then layer l+1's attention and router), after which the host plans the
         next transfers while the device computes."""
-        h = embed_tokens(self.globals["embedding"], tokens)
+        if h is None:
+            h = embed_tokens(self.globals["embedding"], tokens)
         parts, num_layers = self.layer_parts, len(self.layer_parts)
         front = None  # moe_front outputs (h, flat, ids, weights, features) of layer i, already dispatched
-        for i, (is_moe, g, state, _) in enumerate(parts):
+        for i in range(first_layer, num_layers):
+            is_moe, g, state, _ = parts[i]
             self._init_kv(i, h.dtype)
             if not is_moe:
                 h, self._kv[i] = dense_layer(g, state, h, self._kv[i], positions)
@@ -617,8 +693,100 @@ class OffloadEngine:
 
     def decode(self, token, position: int):
         self._position = position
-        h = self._forward(token, jnp.array([[position]], jnp.int32), np.ones(1, bool))
+        start, compiled = time.perf_counter(), compile_seconds()
+        self._time_last_token(start, compiled)
+        positions = jnp.array([[position]], jnp.int32)
+        if self._can_speculate() and self.speculation.should_speculate():
+            logits, redo = self._speculate(token, positions)
+            self._timed_token = (True, redo, start, compiled)
+            return logits
+        landed = None
+        if self.speculation.mode == "auto" and self._can_speculate():  # what a speculation would have found
+            landed = self.cache.landed_slots(self._moe_layer_index)
+            self._token_needed = []
+        h = self._forward(token, positions, np.ones(1, bool))
+        redo = 0.0
+        if landed is not None:
+            num_pos = len(landed)
+            for pos, needed in enumerate(self._token_needed):
+                if (landed[pos, needed] < 0).any():
+                    redo = (num_pos - pos) / num_pos
+                    break
+            self._token_needed = None
+        self._timed_token = (False, redo, start, compiled)
         return self._logits(h)
+
+    def _time_last_token(self, now: float, compiled: float) -> None:
+        """The previous decode step's period (to this one's start) to the speculation estimates; a step
+        that compiled anything is not timed."""
+        if self._timed_token is None:
+            return
+        speculated, redo, start, compiled_then = self._timed_token
+        self._timed_token = None
+        self.speculation.record(speculated, redo, None if compiled > compiled_then else now - start)
+
+    def _can_speculate(self) -> bool:
+        """Decode steps can run as one program: not turned off, and the routing is the model's own or a
+        benchmark's replay that can give a whole token's (`decode_routing(position)` -> int32[P, k])."""
+        override = self.routing_override
+        return self.speculation.mode != "off" and (override is None or hasattr(override, "decode_routing"))
+
+    def _speculate(self, token, positions):
+        """One decode step as one program over the landed slots (`decode_token_over_slots`) -> (logits
+        float32[1, V], the fraction of MoE positions redone layer by layer after a miss, 0 if none).
+
+        The host then books what the program did as the layer path would have, position by position:
+        hits, eviction stamps, the planner's feedback, the predictor's history; after the last position
+        it plans the next token's first transfers. From a missed position on it runs the layer path,
+        from the hidden state that entered that layer, over the KV cache rows the program wrote (each
+        layer rewrites its row at this position before reading it)."""
+        num_pos, k = len(self.moe_layer_ids), self.cfg.num_experts_per_tok
+        forced = None
+        if self.routing_override is not None:
+            forced = np.asarray(self.routing_override.decode_routing(self._position), np.int32)
+        scorer = {}
+        if self._scorer is not None:
+            scorer = {"scorer": self._scorer, "scorer_params": self._scorer_params, "scorer_state": self._scorer_state}
+        g_norm, norm_state = self.globals["norm"]
+        self._last_layer_done = None
+        with self._slots_lock:  # no slot write is issued between the table and the buffers it describes
+            table = self.cache.landed_slots(self._moe_layer_index)
+            logits, self._kv, summary, h_in, scorer_state = decode_token_over_slots(
+                self._token_graphs, self._token_states, self._kv, self.globals["embedding"], g_norm, norm_state,
+                self.globals["head"], token, positions, table, self.slots, forced, **scorer)
+        if self._scorer is not None:
+            self._scorer_state = scorer_state
+        summary = np.asarray(summary)  # the step's one device-to-host copy
+        ids = summary[: num_pos * k].reshape(num_pos, k).astype(np.int32)
+        missing = summary[num_pos * k : num_pos * k + num_pos] > 0
+        first_miss = int(np.argmax(missing)) if missing.any() else num_pos
+        self._spec_tokens += 1
+        for pos in range(first_miss):
+            self._book_resident_layer(pos, ids[pos], summary[num_pos * k + num_pos :] if pos == num_pos - 1 else None)
+        if first_miss == num_pos:
+            return logits, 0.0
+        self._spec_redone += 1
+        h = self._forward(token, positions, np.ones(1, bool), self.moe_layer_ids[first_miss], h_in[first_miss])
+        return self._logits(h), (num_pos - first_miss) / num_pos
+
+    def _book_resident_layer(self, pos: int, ids: np.ndarray, packed) -> None:
+        """What `_ensure` and `_after_layer` record for MoE position `pos` whose experts (ids int32[k]) the
+        whole-token program read from the cache. packed: the position's features, given for the token's
+        last position, from which the next token's first transfers are planned."""
+        layer, needed = self.moe_layer_ids[pos], distinct_sorted(ids)
+        self.cache.policy.at_step(pos, len(self._requests))
+        self.cache.record_hits(layer, needed)
+        self._requests.append((layer, needed))
+        scores = None
+        if packed is not None:
+            scores = self._plan_ahead(pos, needed, packed)
+        else:
+            self.planner.feedback(pos, needed)
+            if self.predictor is not None and self._scorer is None:
+                self.predictor.observe(pos, needed)
+        if self.layer_observer is not None:
+            self.layer_observer(pos, True, ids[None], scores)
+        self.cache.policy.observe(pos, np.bincount(ids, minlength=self.cfg.num_experts).astype(np.float64), 1)
 
     def stats(self) -> dict:
         total = self.cache.stats.as_dict()
@@ -648,6 +816,11 @@ class OffloadEngine:
             "peak_device_bytes": device_peak_bytes(fallback),
             "host_memory_kind": self.store.memory_kind,
             "layer_compute_s": self._layer_compute_s,
+            # decode steps run as one whole-token program, and those of them finished layer by layer after
+            # a miss (scheduler.speculation)
+            "speculated_tokens": getattr(self, "_spec_tokens", 0),
+            "speculation_redone": getattr(self, "_spec_redone", 0),
+            "speculation": self.speculation.as_dict(),
             "cache": total,
         }
         if isinstance(self.planner, Adaptive):

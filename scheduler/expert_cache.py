@@ -209,6 +209,32 @@ class ExpertCache:
             self._raise_if_failed()
         self.policy.touch_many(request.layers, request.experts)
 
+    def landed_slots(self, layers: np.ndarray) -> np.ndarray:
+        """int32[len(layers), E]: the slot of every key of these layers whose copy has landed, -1 elsewhere
+        (absent or in flight). Taken while no slot write can be issued (the runtime holds its slots lock),
+        it describes exactly the slot buffers of that moment: a landed key's write was issued before."""
+        with self._cond:
+            index = self.table.slot_index[layers]
+            if self._in_flight:
+                index = np.where(np.isin(index, list(self._in_flight)), -1, index)
+            return index.astype(np.int32)
+
+    def record_hits(self, layer: int, experts: np.ndarray) -> None:
+        """Counts a request that was served from the cache without `request_slots` (a whole-token decode
+        program read these keys of `layer` from slots that had landed): hits, prefetch hits, the
+        eviction policy's use stamps. A key evicted since still counts: the program used its copy."""
+        stats = self.stats
+        with self._cond:
+            self.table.unpin_all()
+            if self._prefetched_unused:
+                for e in experts.tolist():
+                    if (layer, e) in self._prefetched_unused:
+                        stats.prefetch_hits += 1
+                        self._prefetched_unused.discard((layer, e))
+            stats.hits += len(experts)
+            stats.hits_per_layer[layer] += len(experts)
+        self.policy.touch_many(layer, experts)
+
     def prefetch(self, keys: Iterable[ExpertKey], protect: Iterable[ExpertKey] = ()) -> None:
         """Replaces the pending prefetches with `keys` (most urgent first). Keys in `protect` (and the
         requested keys themselves) are not evicted to make room for them."""

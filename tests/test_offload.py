@@ -77,6 +77,7 @@ JITTED = {
     "write_slot": jaxmoe.offload.write_slot,
     "write_slot_from_host": jaxmoe.offload.write_slot_from_host,
     "dense_layer": jaxmoe.offload.dense_layer,
+    "decode_token_over_slots": jaxmoe.offload.decode_token_over_slots,
     "embed_tokens": jaxmoe.offload.embed_tokens,
     "final_logits": jaxmoe.offload.final_logits,
     "decode_step": jaxmoe.engine.decode_step,
@@ -88,7 +89,8 @@ JITTED = {
 def test_no_recompiles_after_warmup(family, resident):
     model_dir, _, _ = resident(family)
     engines = [jaxmoe.load(model_dir), jaxmoe.load(model_dir, cache_slots=3, policy="on-demand"),
-               jaxmoe.load(model_dir, cache_slots=3, policy="lfu")]
+               jaxmoe.load(model_dir, cache_slots=3, policy="lfu"),
+               jaxmoe.load(model_dir, cache_slots=7, policy="on-demand", speculate="on")]
     for engine in engines:
         engine.generate(PROMPT, NEW_TOKENS)  # warm-up: compiles prefill and decode shapes
     before = {name: fn._cache_size() for name, fn in JITTED.items()}
@@ -150,6 +152,8 @@ def test_flag_errors(resident):
         jaxmoe.load(model_dir, cache_slots=4, policy="bogus")
     for name in ("on-demand", "lfu", "resident"):
         assert name in str(info.value)
+    with pytest.raises(jaxmoe.JaxmoeError, match="--speculate 'always'"):
+        jaxmoe.load(model_dir, cache_slots=4, speculate="always")
 
 
 def test_experts_live_in_pinned_host_memory(resident):
@@ -184,3 +188,45 @@ def test_output_is_bitwise_independent_of_slot_assignment(resident):
     assert slots_a != slots_b  # the experts really sit in different slots
     np.testing.assert_array_equal(logits_a, logits_b)
     assert ids_a == ids_b == expected_ids
+
+
+@pytest.mark.parametrize("slots", [2, 7, 18])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_token_decode_equals_resident(family, slots, resident):
+    """Every decode step as one program over the slots (`speculate="on"`): the resident model's tokens
+    whether the step finds all its experts (18: every expert, after a first run), misses from its first
+    MoE layer on (2 slots: the previous layer's two experts only) or somewhere in between."""
+    model_dir, expected_ids, _ = resident(family)
+    engine = jaxmoe.load(model_dir, cache_slots=slots, speculate="on")
+    first = engine.generate(PROMPT, NEW_TOKENS)
+    second = engine.generate(PROMPT, NEW_TOKENS)
+    assert first.generated_ids == second.generated_ids == expected_ids, (family, slots)
+    for stats in (first.stats, second.stats):
+        assert stats["speculated_tokens"] == NEW_TOKENS - 1
+        assert stats["decode_cache"]["hits"] + stats["decode_cache"]["misses"] >= (NEW_TOKENS - 1) * len(engine.cfg.moe_layer_ids)
+    if slots >= total_experts(engine.cfg):  # warm: every step runs whole, nothing loaded
+        assert second.stats["speculation_redone"] == 0 and second.stats["h2d_bytes"] == 0
+        assert second.stats["hit_rate"] == 1.0
+    if slots == 2:  # the first MoE layer's experts were evicted by the last one's: every step redone
+        assert second.stats["speculation_redone"] == NEW_TOKENS - 1
+    assert jaxmoe.load(model_dir, cache_slots=slots, speculate="off").generate(PROMPT, NEW_TOKENS).stats["speculated_tokens"] == 0
+
+
+def test_whole_token_decode_books_what_the_layer_path_books(resident):
+    """With every expert resident, a whole-token step records the same hits, per-layer hits and eviction
+    stamps order as the layer path: stats do not depend on how a step was run."""
+    model_dir, _, _ = resident("mixtral")
+    runs = {}
+    for mode in ("on", "off"):
+        engine = jaxmoe.load(model_dir, cache_slots=18, speculate=mode)
+        engine.generate(PROMPT2, 4)
+        for layer in engine.cfg.moe_layer_ids:
+            engine.cache.ensure([(layer, e) for e in range(engine.cfg.num_experts)])
+        stats = engine.generate(PROMPT, NEW_TOKENS).stats
+        assert stats["speculated_tokens"] == (NEW_TOKENS - 1 if mode == "on" else 0)
+        runs[mode] = (stats["cache"], [r[1].tolist() for r in engine._requests], engine.cache.policy._stamp.copy())
+    (cache_on, requests_on, stamps_on), (cache_off, requests_off, stamps_off) = runs["on"], runs["off"]
+    for key in ("hits", "misses", "late_hits", "h2d_bytes", "hits_per_layer"):
+        assert cache_on[key] == cache_off[key], key
+    assert requests_on == requests_off
+    np.testing.assert_array_equal(stamps_on, stamps_off)

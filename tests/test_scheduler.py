@@ -13,6 +13,7 @@ import pytest
 
 import jaxmoe
 from jaxmoe.offload import POLICIES, OffloadEngine
+from scheduler.speculation import Speculation
 
 PROMPT = [5, 17, 33, 8, 41, 12, 9, 60, 3, 27, 71, 44]
 
@@ -91,10 +92,11 @@ def test_fuzzed_schedules_reproduce_resident_output(seed, reference):
         engine.predictor = (AdversarialPredictor(engine.cfg.num_experts, seed, choice)
                             if choice in ("adversarial", "random") else engine.build_predictor(choice))
         engine.fuse_predictor = rng.random() < 0.5  # gate-lookahead inside the layer's program, or on the host
+    engine.speculation = Speculation(rng.choice(["auto", "on", "off"]))  # whole-token decode steps, or not
     with_random_delays(engine, seed, max_delay_s=0.003)
     with time_limit(120):
         result = engine.generate(PROMPT, 20)
-    assert result.generated_ids == expected, (policy, slots, link)
+    assert result.generated_ids == expected, (policy, slots, link, engine.speculation.mode)
     assert 0 <= result.stats["prefetch_precision"] <= 1  # prefill's prefetches are not credited to decode
     assert threading.active_count() == 1 or all(t.name != "jaxmoe-expert-transfers" for t in threading.enumerate())
 
@@ -180,3 +182,32 @@ def test_accelerator_copy_path_reproduces_resident_output(policy, reference):
         result = engine.generate(PROMPT, 20)
     assert result.generated_ids == expected
     assert result.stats["decode_cache"]["misses"] > 0
+
+
+def test_speculation_cost_rule():
+    """auto: layer path until a token was seen; tries each mode MIN_SAMPLES times while few tokens would
+    be redone; then speculates only where t_spec < (1 - q) t_layer. Redone and compiling tokens are not timed."""
+    rule = Speculation("auto")
+    assert not rule.should_speculate()  # nothing measured
+    rule.record(False, 0.0, 0.010)
+    assert rule.should_speculate()  # q = 0: try the whole-token program
+    rule.record(True, 0.5, 0.004)  # redone from half way: not a timing of either mode
+    assert rule.spec_samples == 0 and rule.redo_fraction == pytest.approx(0.1)
+    rule.record(True, 0.0, None)  # compiled: not timed
+    rule.record(True, 0.0, 0.004)
+    rule.record(True, 0.0, 0.004)
+    assert rule.spec_samples == 2 and not rule.should_speculate()  # one layer-path sample so far: measure it
+    rule.record(False, 0.0, 0.010)
+    assert rule.should_speculate()  # 0.004 < (1 - q) * 0.010
+    for _ in range(2):
+        rule.record(False, 0.75, None)  # tokens now miss early
+    assert 0.25 < rule.redo_fraction < 0.35 and rule.should_speculate()  # 0.004 < (1 - q) * 0.010 ~ 0.007
+    rule.spec_period_s = 0.008
+    assert not rule.should_speculate()
+    rule.spec_period_s = 0.001
+    for _ in range(4):
+        rule.record(False, 0.75, None)
+    assert rule.redo_fraction >= 0.5 and not rule.should_speculate()  # most tokens would fall back early
+    assert Speculation("on").should_speculate() and not Speculation("off").should_speculate()
+    with pytest.raises(ValueError, match="always"):
+        Speculation("always")
