@@ -1,13 +1,16 @@
 """Policy comparison: decode speed of every expert-cache policy x cache size, side by side in one run.
 
     python -m bench policies [--model DIR] [--cache 0.1,0.25,0.5] [--policies ...] [--predictor SPEC]
-                             [--fuse-predictor auto|on|off] [--link auto|GBPS[,US]] [--prompts N]
+                             [--fuse-predictor auto|on|off] [--speculate auto|on|off[,...]]
+                             [--link auto|GBPS[,US]] [--prompts N]
                              [--max-new-tokens N] [--repeats N] [--out DIR]
 
 `--policies` entries are policy names, or POLICY@PREDICTOR for a prefetching policy driven by a given
 predictor (gate-lookahead, previous-token, frequency or a trained LLaPor directory), so one run can put
 e.g. `prefetch@previous-token,prefetch@frequency,prefetch@gate-lookahead` side by side; a bare
-prefetching policy uses `--predictor` (default gate-lookahead).
+prefetching policy uses `--predictor` (default gate-lookahead). `--speculate off,auto` measures every
+policy both with decode steps layer by layer only and with the engine's default choice (see
+scheduler.speculation), side by side.
 
 Each (policy, cache size) gets its own engine, a warm-up generation (compilation, cache fill) on a
 separate prompt, then `repeats` measured passes over the same prompts; the figures are medians over
@@ -79,14 +82,23 @@ def run_engine(engine, prompts, max_new_tokens: int, repeats: int) -> dict:
     expert group, which depends on the routing, and per KV-cache length: a 1-token warm-up, shorter than
     that, left programs to compile inside the measured TTFT, 1.8-2.3 s for one prompt of six), then
     `repeats` passes over prompts[1:]; medians of per-pass aggregates. `measured_compile_s`: compilation
-    inside the measured passes (0 when the warm-up covered every program)."""
+    inside the measured passes (0 when the warm-up covered every program). An offloaded engine deciding
+    for itself whether to run decode steps as one program (speculation "auto") warms that program up
+    too: its first generation runs every step that way; later ones choose from measured costs."""
+    speculation = getattr(getattr(engine, "engine", engine), "speculation", None)  # a bench.sizes driver wraps one
+    if speculation is not None and speculation.mode == "auto":
+        speculation.mode = "on"
+        try:
+            engine.generate(prompts[0], max_new_tokens)
+        finally:
+            speculation.mode = "auto"
     engine.generate(prompts[0], max_new_tokens)
     for prompt in prompts[1:]:
         engine.generate(prompt, warmup_tokens(len(prompt), max_new_tokens))
     passes = []
     measured_compile_s = 0.0
     for _ in range(repeats):
-        decode_s = tokens = stall = h2d = hits = requests = prefetches = prefetch_hits = ttft = 0.0
+        decode_s = tokens = stall = h2d = hits = requests = prefetches = prefetch_hits = ttft = whole = redone = 0.0
         for prompt in prompts[1:]:
             s = engine.generate(prompt, max_new_tokens).stats
             measured_compile_s += s["compile_s"]
@@ -101,6 +113,8 @@ def run_engine(engine, prompts, max_new_tokens: int, repeats: int) -> dict:
             requests += cache.get("hits", decoded) + cache.get("late_hits", 0) + cache.get("misses", 0)
             prefetches += cache.get("prefetches", 0)
             prefetch_hits += cache.get("prefetch_hits", 0)
+            whole += s.get("speculated_tokens", 0)
+            redone += s.get("speculation_redone", 0)
         passes.append({
             "decode_tokens_per_s": tokens / decode_s,
             "ttft_s": ttft / len(prompts[1:]),
@@ -108,6 +122,9 @@ def run_engine(engine, prompts, max_new_tokens: int, repeats: int) -> dict:
             "hit_rate": hits / requests if requests else 1.0,
             "prefetch_precision": prefetch_hits / prefetches if prefetches else None,
             "h2d_gb_per_token": h2d / 1e9 / tokens,
+            # decode steps run as one program, and those finished layer by layer after a miss (of all steps)
+            "whole_token_fraction": whole / tokens,
+            "whole_token_redone_fraction": redone / tokens,
         })
     # a figure can be undefined in some passes only (prefetch precision of a pass that prefetched nothing)
     out = {k: statistics.median(vals) if (vals := [p[k] for p in passes if p[k] is not None]) else None for k in passes[0]}
@@ -125,7 +142,7 @@ def warmup_tokens(prompt_len: int, max_new_tokens: int) -> int:
 
 def layer_compute_seconds(model_dir, prompts, max_new_tokens: int) -> float:
     """Measured compute time of one MoE layer in the offloaded decode loop with every expert cached."""
-    engine = jaxmoe.load(model_dir, policy="on-demand")
+    engine = jaxmoe.load(model_dir, policy="on-demand", speculate="off")  # the layer path times its layers
     engine.generate(prompts[0], max_new_tokens)
     result = engine.generate(prompts[1], max_new_tokens)
     return result.stats["layer_compute_s"]
@@ -141,6 +158,9 @@ def main(argv=None) -> int:
                    help="predictor of the prefetching policies given without @PREDICTOR (default gate-lookahead)")
     p.add_argument("--fuse-predictor", choices=("auto", "on", "off"), default="auto",
                    help="the prefetching policies' predictor inside each MoE layer's program (auto: on accelerators)")
+    p.add_argument("--speculate", default="auto",
+                   help="decode steps as one program when their experts are cached: auto, on, off, or several "
+                        "(comma-separated) to measure each policy under each")
     p.add_argument("--link", default="auto", help="'auto', 'none' or GBPS[,LATENCY_US]")
     p.add_argument("--prompts", type=int, default=6, help="measured prompts (the replay's six by default)")
     p.add_argument("--prompt-tokens", type=int, default=48)
@@ -184,11 +204,23 @@ def split_policy(entry: str, default_predictor: str | None) -> tuple[str, str | 
     return policy, predictor or default_predictor
 
 
+def parse_speculate(value: str) -> list[str]:
+    """--speculate: one mode or several, comma-separated -> the modes."""
+    from jaxmoe.offload import SPECULATE_MODES
+
+    modes = [m for m in value.split(",") if m]
+    bad = [m for m in modes if m not in SPECULATE_MODES]
+    if bad or not modes:
+        raise JaxmoeError(f"--speculate {value!r}: expected one or more of {', '.join(SPECULATE_MODES)}")
+    return list(dict.fromkeys(modes))
+
+
 def add_ratios(rows: list[dict], metric: str) -> None:
-    """Sets vs_on_demand and vs_oracle on each row: its `metric` over that of the same cache size's
-    on-demand / oracle row (None where that policy was not run)."""
-    for fraction in dict.fromkeys(r["cache_fraction"] for r in rows):
-        same = [r for r in rows if r["cache_fraction"] == fraction]
+    """Sets vs_on_demand and vs_oracle on each row: its `metric` over that of the same cache size's (and
+    speculation mode's) on-demand / oracle row (None where that policy was not run)."""
+    groups = dict.fromkeys((r["cache_fraction"], r.get("speculate")) for r in rows)
+    for fraction, mode in groups:
+        same = [r for r in rows if r["cache_fraction"] == fraction and r.get("speculate") == mode]
         base = next((r for r in same if r["policy"] == "on-demand"), None)
         oracle = next((r for r in same if r["policy"] == "oracle"), None)
         for r in same:
@@ -199,6 +231,7 @@ def add_ratios(rows: list[dict], metric: str) -> None:
 def run(args) -> int:
     entries = resolve_model_and_policies(args, with_predictors=True)
     fractions = [float(x) for x in args.cache.split(",")]
+    modes = parse_speculate(args.speculate)
     resident = jaxmoe.load(args.model)
     assert isinstance(resident, ResidentEngine)
     cfg = resident.cfg
@@ -217,10 +250,10 @@ def run(args) -> int:
         link = f"{expert_bytes / compute_s / 1e9:.6f},0"
     elif args.link != "none":
         link = args.link
-    combos = [(f, pol, pred) for f in fractions for pol, pred in entries]
-    for fraction, policy, predictor in tqdm(combos, desc="policy x cache", unit="run"):
+    combos = [(f, pol, pred, mode) for f in fractions for mode in modes for pol, pred in entries]
+    for fraction, policy, predictor, mode in tqdm(combos, desc="policy x cache", unit="run"):
         slots = max(cfg.num_experts_per_tok, int(round(fraction * total_experts)))
-        options = {"cache_slots": slots, "policy": policy}
+        options = {"cache_slots": slots, "policy": policy, "speculate": mode}
         if link:
             options["emulate_link"] = link
         if predictor:
@@ -231,7 +264,7 @@ def run(args) -> int:
         r = run_engine(engine, prompts, args.max_new_tokens, args.repeats)
         r.update(cache_fraction=fraction, cache_slots=slots, policy=policy,
                  predictor=getattr(engine.predictor, "name", None), predictor_spec=predictor,
-                 predictor_fused=engine.stats()["predictor_fused"])
+                 predictor_fused=engine.stats()["predictor_fused"], speculate=mode, speculate_modes=len(modes))
         rows.append(r)
     add_ratios(rows, "decode_tokens_per_s")
     report = {
@@ -253,8 +286,17 @@ def run(args) -> int:
 
 
 def policy_label(row: dict) -> str:
-    """`policy`, or `policy@predictor` where a --policies entry named the predictor."""
-    return f"{row['policy']}@{row['predictor']}" if row.get("predictor_spec") and row.get("predictor") else row["policy"]
+    """`policy`, or `policy@predictor` where a --policies entry named the predictor; with the speculation
+    mode where a run measured several."""
+    label = f"{row['policy']}@{row['predictor']}" if row.get("predictor_spec") and row.get("predictor") else row["policy"]
+    return f"{label} (speculate {row['speculate']})" if row.get("speculate_modes", 1) > 1 else label
+
+
+def whole_token_cell(row: dict) -> str:
+    """The share of decode steps run as one program and, in brackets, of steps redone after a miss."""
+    if row.get("whole_token_fraction") is None:
+        return "—"
+    return f"{row['whole_token_fraction']:.2f} ({row['whole_token_redone_fraction']:.2f})"
 
 
 def markdown_table(report: dict) -> str:
@@ -263,15 +305,15 @@ def markdown_table(report: dict) -> str:
         lines += [f"**EMULATED LINK**: {report['emulated_link']}", ""]
     res = report["resident"]
     lines += [f"Resident (all weights on device): {res['decode_tokens_per_s']:.1f} decode tok/s, TTFT {res['ttft_s'] * 1e3:.0f} ms", "",
-              "| cache | policy | decode tok/s | x on-demand | x oracle | hit rate | stall frac | prefetch prec | H2D MB/tok | TTFT ms |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| cache | policy | decode tok/s | x on-demand | x oracle | hit rate | stall frac | prefetch prec | H2D MB/tok | TTFT ms | whole-token steps (redone) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
     for r in report["runs"]:
         lines.append(
             f"| {r['cache_fraction']:.0%} ({r['cache_slots']}) | {policy_label(r)} | {r['decode_tokens_per_s']:.1f} | "
             f"{fmt(r['vs_on_demand'], '.2f')} | {fmt(r['vs_oracle'], '.2f')} | {r['hit_rate']:.3f} | "
             f"{r['stall_fraction']:.3f} | {fmt(r['prefetch_precision'], '.3f')} | {r['h2d_gb_per_token'] * 1e3:.3f} | "
-            f"{r['ttft_s'] * 1e3:.0f} |")
+            f"{r['ttft_s'] * 1e3:.0f} | {whole_token_cell(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -485,7 +485,7 @@ def run_shape(name: str, args, source, trace_path, peer: dict, budget: Budget, o
     # compute floor: every request a hit
     k = cfg.num_experts_per_tok
     engine = model.engine(k * len(cfg.moe_layer_ids), "on-demand")
-    engine.routing_override = AllHits(k)
+    engine.routing_override = AllHits(k, len(cfg.moe_layer_ids))
     r = run_engine(ReplayDriver(engine, None, prompts), prompts, args.tokens, args.repeats)
     compute_s = 1.0 / r["decode_tokens_per_s"]
     report["compute"] = {"method": "offloaded engine, routing forced onto experts 0..k-1 of every MoE layer with "

@@ -418,6 +418,13 @@ class Replay:
             raise JaxmoeError(f"replayed routing {out.shape} does not match the model's {ids_host.shape}")
         return out
 
+    def decode_routing(self, position: int) -> np.ndarray:
+        """int32[num_moe_layers, k]: every MoE layer's routing of decode position `position` (what a
+        whole-token decode step takes, see `OffloadEngine._speculate`)."""
+        table = self.tables[self.current]
+        self.last_position = position
+        return table[min(position, len(table) - 1)]
+
     def decode_requests(self, index: int, first: int, count: int) -> list[list[set]]:
         """Per decode token (positions first .. first+count-1): per MoE layer, the set of (layer, expert) keys."""
         table = self.tables[index]
@@ -513,11 +520,14 @@ class AllHits:
     """`routing_override` that sends every token to experts 0..k-1 of each layer: with k slots per MoE layer
     every request after the first hits, so a run measures the offloaded engine's pure compute time."""
 
-    def __init__(self, top_k: int):
-        self.top_k = top_k
+    def __init__(self, top_k: int, num_moe_layers: int):
+        self.top_k, self.num_moe_layers = top_k, num_moe_layers
 
     def __call__(self, layer, positions, ids_host):
         return np.broadcast_to(np.arange(self.top_k, dtype=np.int32), ids_host.shape).copy()
+
+    def decode_routing(self, position: int) -> np.ndarray:
+        return np.broadcast_to(np.arange(self.top_k, dtype=np.int32), (self.num_moe_layers, self.top_k)).copy()
 
 
 def routing_tables(source: RoutingSource | None, cfg: ModelConfig, num_prompts: int, tokens_per_prompt: int,

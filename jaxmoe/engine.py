@@ -121,7 +121,7 @@ class SamplingParams:
 class StepRunner(Protocol):
     """What an engine provides to `generate_loop` (batch of one sequence)."""
 
-    def start(self, max_len: int) -> None: ...
+    def start(self, max_len: int, max_new_tokens: int | None = None) -> None: ...
     def prefill(self, tokens: np.ndarray, length: int) -> jax.Array: ...  # int32[1, bucket] -> float32[1, V]
     def decode(self, token: jax.Array, position: int) -> jax.Array: ...  # int32[1] -> float32[1, V]
     def stats(self) -> dict: ...
@@ -144,7 +144,7 @@ def generate_loop(runner: StepRunner, cfg: ModelConfig, prompt_ids, max_new_toke
     check_max_new_tokens(max_new_tokens)
     n = len(prompt_ids)
     padded_len = bucket_length(n)
-    runner.start(cache_length(n, max_new_tokens))
+    runner.start(cache_length(n, max_new_tokens), max_new_tokens)
     tokens = np.zeros((1, padded_len), np.int32)
     tokens[0, :n] = prompt_ids
     key = jax.random.key(sampling.seed)
@@ -228,7 +228,7 @@ class ResidentEngine:
         self._static, self._leaves = flat_state(graphdef, state)
         self._cache = None
 
-    def start(self, max_len: int) -> None:
+    def start(self, max_len: int, max_new_tokens: int | None = None) -> None:
         self._cache = self._model.init_cache(1, max_len)
 
     def prefill(self, tokens, length):

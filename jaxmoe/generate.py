@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", default=None, help="predictor driving prefetch policies")
     p.add_argument("--fuse-predictor", choices=("auto", "on", "off"), default="auto",
                    help="run the predictor inside each MoE layer's jitted program (auto: on accelerators, not on CPU)")
+    p.add_argument("--speculate", choices=("auto", "on", "off"), default=None,
+                   help="run a decode step as one program when its experts are cached, layer by layer from a miss "
+                        "(auto, the default: where measured faster)")
     p.add_argument("--emulate-link", default=None, metavar="GBPS[,LATENCY_US]", help="emulate a host-to-device link")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="compute/param dtype override")
     p.add_argument("--output-json", type=Path, default=None, help="write prompt ids, generated ids, text and stats here")
@@ -46,6 +49,8 @@ def summary_line(stats: dict) -> str:
         f"TTFT {stats['ttft_s'] * 1000:.0f} ms | hit rate {stats['hit_rate']:.3f} | "
         f"H2D {stats['h2d_bytes'] / 1e9:.3f} GB | stall {stats['stall_s']:.3f} s | "
         f"peak device {stats['peak_device_bytes'] / 2**20:.1f} MiB | policy {stats['policy']}"
+        + (f" | whole-token steps {stats['speculated_tokens']} ({stats['speculation_redone']} finished by layer)"
+           if stats.get("speculated_tokens") else "")
         + (f" | compile {stats['compile_s']:.1f} s" if stats.get("compile_s", 0) >= 0.05 else "")
         + (f" | EMULATED LINK {stats['emulated_link']}" if stats.get("emulated_link") else "")
     )
@@ -82,7 +87,7 @@ def run(args) -> int:
 
     offload = {k: v for k, v in dict(cache_slots=args.cache_slots, expert_cache_gb=args.expert_cache_gb,
                                      policy=args.policy, predictor=args.predictor,
-                                     emulate_link=args.emulate_link,
+                                     emulate_link=args.emulate_link, speculate=args.speculate,
                                      fuse_predictor={"on": True, "off": False}.get(args.fuse_predictor)).items()
                if v is not None}
     if offload.get("policy") == "resident":

@@ -42,6 +42,7 @@ EXPERT_NAMES = ("w_gate", "w_up", "w_down")
 PREFILL_CHUNK = 256  # tokens per prefill chunk
 DEVICE_MARGIN = 0.10  # fraction of device memory left free when sizing the cache automatically
 NOT_PLANNED = object()  # a layer whose next transfers are planned after its dispatch (see `_route`)
+_WHOLE_TOKEN_RAN: set = set()  # `OffloadEngine._whole_token_key`s whose whole-token program this process ran
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +114,30 @@ def moe_back_front(graphdef, state, h, flat, slot_ids, weights, slots, routed_pa
                                  scorer_state, next_pos, last_row)
 
 
+@partial(jax.jit, static_argnames=("graph", "scorer"))
+def moe_layer_over_slots(graph, state, h, cache, positions, slot_row, slots, forced_row=None, pos=None, scorer=None,
+                         scorer_params=None, scorer_state=None):
+    """One decode MoE layer of `decode_token_over_slots` (a jitted piece, so tracing the token's program
+    traces one MoE layer, not each). slot_row int32[E]: each expert's slot, -1 if absent; forced_row
+    int32[k] or None; pos: int32[] the MoE position (for the scorer) -> (h, cache, ids int32[k],
+    missing bool[], features as `moe_front` packs them, scorer_state)."""
+    layer = graph.merge(state)
+    h, cache, x = layer.attention_block(h, cache, positions)
+    flat = x.reshape(-1, x.shape[-1])
+    ids, weights, logits = layer.moe.route(flat)
+    if forced_row is not None:
+        ids = forced_row[None]
+    slot_ids = slot_row[ids]  # [1, k]
+    if scorer is None:
+        features = jnp.concatenate([ids[-1].astype(jnp.float32), h[0, -1].astype(jnp.float32), logits[-1]])
+    else:
+        scores, scorer_state = scorer(scorer_params, scorer_state, pos, h[0, -1], logits[-1], ids[-1])
+        features = jnp.concatenate([ids[-1].astype(jnp.float32), scores.reshape(-1).astype(jnp.float32)])
+    routed = routed_over_slots.__wrapped__(flat, slot_ids, weights, slots, "gather")
+    h = moe_back.__wrapped__(graph, state, h, flat, routed)
+    return h, cache, ids[0], jnp.any(slot_ids < 0), features, scorer_state
+
+
 @partial(jax.jit, static_argnames=("graphs", "norm_graph", "scorer"), donate_argnames=("kv",))
 def decode_token_over_slots(graphs, states, kv, embedding, norm_graph, norm_state, head, token, positions, slot_table,
                             slots, forced_ids=None, scorer=None, scorer_params=None, scorer_state=None):
@@ -137,29 +162,17 @@ def decode_token_over_slots(graphs, states, kv, embedding, norm_graph, norm_stat
     new_scorer_state = scorer_state
     features = None
     for i, ((is_moe, graph), state) in enumerate(zip(graphs, states)):
-        layer = graph.merge(state)
         if not is_moe:
-            h, kv[i], _ = layer(h, kv[i], positions)
+            h, kv[i] = dense_layer(graph, state, h, kv[i], positions)
             continue
         pos = len(ids_all)
         h_in.append(h)
-        h, kv[i], x = layer.attention_block(h, kv[i], positions)
-        flat = x.reshape(-1, x.shape[-1])
-        ids, weights, logits = layer.moe.route(flat)
-        if forced_ids is not None:
-            ids = forced_ids[pos][None]
-        slot_ids = slot_table[pos][ids]  # [1, k]
-        ids_all.append(ids[0])
-        missing_all.append(jnp.any(slot_ids < 0))
-        if scorer is None:
-            features = jnp.concatenate([ids[-1].astype(jnp.float32), h[0, -1].astype(jnp.float32), logits[-1]])
-        else:
-            scores, new_scorer_state = scorer(scorer_params, new_scorer_state, pos, h[0, -1], logits[-1], ids[-1])
-            features = jnp.concatenate([ids[-1].astype(jnp.float32), scores.reshape(-1).astype(jnp.float32)])
-        routed = routed_over_slots.__wrapped__(flat, slot_ids, weights, slots, "gather")
-        h = moe_back.__wrapped__(graph, state, h, flat, routed)
-    g = norm_graph.merge(norm_state)
-    logits = lm_logits(g, head, h[:, -1])
+        h, kv[i], ids, missing, features, new_scorer_state = moe_layer_over_slots(
+            graph, state, h, kv[i], positions, slot_table[pos], slots, None if forced_ids is None else forced_ids[pos],
+            jnp.asarray(pos, jnp.int32), scorer, scorer_params, new_scorer_state)
+        ids_all.append(ids)
+        missing_all.append(missing)
+    logits = final_logits.__wrapped__(norm_graph, norm_state, head, h)
     missing = jnp.stack(missing_all)
     if scorer is not None:  # rows at and after the first miss: as they were
         first_miss = jnp.argmax(jnp.concatenate([missing, jnp.ones(1, bool)]))
@@ -579,9 +592,11 @@ class OffloadEngine:
         return scores
 
     # -- the StepRunner protocol ---------------------------------------------------------------------
-    def start(self, max_len: int) -> None:
+    def start(self, max_len: int, max_new_tokens: int | None = None) -> None:
         self._kv = [None] * self.cfg.num_layers
         self._max_len = max_len
+        self._max_new_tokens = max_new_tokens
+        self._decode_steps = 0
         self._decode_base = None
         self.cache.forget_prefetches()
         self._run_base = self.cache.stats.as_dict()  # prefill stats count from here, not from the engine's creation
@@ -696,7 +711,8 @@ class OffloadEngine:
         start, compiled = time.perf_counter(), compile_seconds()
         self._time_last_token(start, compiled)
         positions = jnp.array([[position]], jnp.int32)
-        if self._can_speculate() and self.speculation.should_speculate():
+        self._decode_steps += 1
+        if self._can_speculate() and self._should_speculate():
             logits, redo = self._speculate(token, positions)
             self._timed_token = (True, redo, start, compiled)
             return logits
@@ -723,7 +739,15 @@ class OffloadEngine:
             return
         speculated, redo, start, compiled_then = self._timed_token
         self._timed_token = None
-        self.speculation.record(speculated, redo, None if compiled > compiled_then else now - start)
+        self.speculation.record(speculated, redo, now - start, compiled > compiled_then)
+
+    def _should_speculate(self) -> bool:
+        tokens_left = None if self._max_new_tokens is None else self._max_new_tokens - self._decode_steps
+        return self.speculation.should_speculate(tokens_left, self._whole_token_key() in _WHOLE_TOKEN_RAN)
+
+    def _whole_token_key(self):
+        """What `decode_token_over_slots` compiles for, as far as one engine's runs vary."""
+        return self._token_graphs, self._max_len, self._scorer, self.routing_override is not None
 
     def _can_speculate(self) -> bool:
         """Decode steps can run as one program: not turned off, and the routing is the model's own or a
@@ -756,6 +780,7 @@ class OffloadEngine:
                 self.globals["head"], token, positions, table, self.slots, forced, **scorer)
         if self._scorer is not None:
             self._scorer_state = scorer_state
+        _WHOLE_TOKEN_RAN.add(self._whole_token_key())
         summary = np.asarray(summary)  # the step's one device-to-host copy
         ids = summary[: num_pos * k].reshape(num_pos, k).astype(np.int32)
         missing = summary[num_pos * k : num_pos * k + num_pos] > 0

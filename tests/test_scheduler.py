@@ -13,7 +13,7 @@ import pytest
 
 import jaxmoe
 from jaxmoe.offload import POLICIES, OffloadEngine
-from scheduler.speculation import Speculation
+from scheduler.speculation import MAX_REDO, Speculation
 
 PROMPT = [5, 17, 33, 8, 41, 12, 9, 60, 3, 27, 71, 44]
 
@@ -185,29 +185,42 @@ def test_accelerator_copy_path_reproduces_resident_output(policy, reference):
 
 
 def test_speculation_cost_rule():
-    """auto: layer path until a token was seen; tries each mode MIN_SAMPLES times while few tokens would
-    be redone; then speculates only where t_spec < (1 - q) t_layer. Redone and compiling tokens are not timed."""
+    """auto: the layer path until a token was seen; each mode's all-cached period measured MIN_SAMPLES times
+    while few tokens would be redone; then the mode whose modelled period a + b q is lower, b measured from
+    tokens with misses; a first compile only for enough tokens left to repay it; compiling tokens time
+    no mode."""
     rule = Speculation("auto")
     assert not rule.should_speculate()  # nothing measured
+    rule.record(False, 0.0, 0.510, compiled=True)  # the layer path's first step: its startup
+    assert rule.samples[False] == 0 and rule.startup_s() == 0.510
     rule.record(False, 0.0, 0.010)
-    assert rule.should_speculate()  # q = 0: try the whole-token program
-    rule.record(True, 0.5, 0.004)  # redone from half way: not a timing of either mode
-    assert rule.spec_samples == 0 and rule.redo_fraction == pytest.approx(0.1)
-    rule.record(True, 0.0, None)  # compiled: not timed
+    assert rule.startup_s() == pytest.approx(0.5)
+    assert rule.should_speculate(tokens_left=None, compiled=True)  # q = 0: try the whole-token program
+    assert rule.should_speculate(tokens_left=101, compiled=False)  # 101 * (0.010 - 0.005) > 0.5
+    assert not rule.should_speculate(tokens_left=100, compiled=False)
+    rule.record(False, 0.5, 0.015)  # a layer-path token with misses from half way: b_layer = 0.01
+    assert rule.per_redo_s[False] == pytest.approx(0.010) and rule.redo_fraction == pytest.approx(0.1)
+    rule.record(True, 0.0, 0.304, compiled=True)
+    assert rule.startup_s() == pytest.approx(0.304)  # its own startup from now on
     rule.record(True, 0.0, 0.004)
     rule.record(True, 0.0, 0.004)
-    assert rule.spec_samples == 2 and not rule.should_speculate()  # one layer-path sample so far: measure it
+    assert rule.samples[True] == 2 and rule.startup_s() == pytest.approx(0.3)
+    assert not rule.should_speculate()  # one all-cached layer-path sample so far: measure another
     rule.record(False, 0.0, 0.010)
-    assert rule.should_speculate()  # 0.004 < (1 - q) * 0.010
-    for _ in range(2):
-        rule.record(False, 0.75, None)  # tokens now miss early
-    assert 0.25 < rule.redo_fraction < 0.35 and rule.should_speculate()  # 0.004 < (1 - q) * 0.010 ~ 0.007
-    rule.spec_period_s = 0.008
-    assert not rule.should_speculate()
-    rule.spec_period_s = 0.001
-    for _ in range(4):
-        rule.record(False, 0.75, None)
-    assert rule.redo_fraction >= 0.5 and not rule.should_speculate()  # most tokens would fall back early
-    assert Speculation("on").should_speculate() and not Speculation("off").should_speculate()
+    q = rule.redo_fraction
+    assert rule.period_s(True, q) == pytest.approx(0.004 + 0.020 * q)  # b_spec not measured: a_layer + b_layer
+    assert rule.should_speculate()
+    assert not rule.should_speculate(tokens_left=50, compiled=False)  # 50 * ~0.005 does not repay 0.3 s
+    rule.record(True, 0.25, 0.014)  # a redone token: b_spec = 0.04
+    assert rule.per_redo_s[True] == pytest.approx(0.04)
+    for _ in range(3):
+        rule.record(False, 0.4, 0.014)  # q rises to ~0.26: 0.004 + 0.04 q > 0.010 + 0.01 q
+    assert 0.2 < rule.redo_fraction < MAX_REDO and not rule.should_speculate()
+    rule.per_redo_s[True] = 0.02
+    assert rule.should_speculate()  # 0.004 + 0.02 q < 0.010 + 0.01 q
+    for _ in range(5):
+        rule.record(False, 0.9, 0.020)
+    assert rule.redo_fraction >= MAX_REDO and not rule.should_speculate()  # most tokens would fall back early
+    assert Speculation("on").should_speculate(1, False) and not Speculation("off").should_speculate()
     with pytest.raises(ValueError, match="always"):
         Speculation("always")
