@@ -15,7 +15,9 @@ warmed by a first pass, so each decode step is almost pure host work. Per policy
 layer (median over passes), next to the resident engine's (one whole-model program per token). One more
 pass per policy attributes the time (wrapping the engine's steps, which adds a little): the routing
 decision's wait for the device, `ensure`, the rest of routing (slot ids, kernel choice), the dispatch of
-the layer's program, and planning (feedback, prediction, plan, eviction bookkeeping).
+the layer's program, and planning (feedback, prediction, plan, eviction bookkeeping). Then the same
+engine runs every decode step as one whole-token program over the slots (scheduler.speculation): the
+host work it leaves is one dispatch and the bookkeeping per token.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ def run(args) -> int:
     from bench.sizes import ReplayDriver, resolve_trace, versions
     from bench.synthetic import NOTICE, SyntheticModel, replayed_routing
     from jaxmoe.offload import POLICIES
+    from scheduler.speculation import Speculation
 
     if args.shape not in SHAPE_NAMES:
         raise JaxmoeError(f"--shape {args.shape!r}: unknown; available: {', '.join(SHAPE_NAMES)}")
@@ -124,6 +127,7 @@ def run(args) -> int:
     rows = []
     for policy in policies:
         engine = model.engine(total_experts, policy, predictor)
+        engine.speculation = Speculation("off")  # the layer path first; the whole-token program below
         engine.routing_override = replay
         driver = ReplayDriver(engine, replay, prompts)
         for prompt in prompts:  # compile, and load every expert the measured passes use
@@ -138,9 +142,17 @@ def run(args) -> int:
                "us_per_moe_layer_all_passes": [1e6 * p for p in passes], "decode_hit_rate": stats["hit_rate"],
                "breakdown_us": {k: 1e6 * v for k, v in breakdown(engine, driver, prompts, args.tokens).items()}}
         row["vs_resident"] = row["us_per_moe_layer"] / (1e6 * statistics.median(resident_passes))
+        engine.speculation = Speculation("on")  # every decode step one program over the slots
+        driver.generate(prompts[0], args.tokens)  # compile
+        whole, whole_stats = per_layer_seconds(driver, prompts, args.tokens, moe_layers, args.repeats)
+        row["whole_token_us_per_moe_layer"] = 1e6 * statistics.median(whole)
+        row["whole_token_us_per_moe_layer_all_passes"] = [1e6 * p for p in whole]
+        row["whole_token_vs_resident"] = row["whole_token_us_per_moe_layer"] / (1e6 * statistics.median(resident_passes))
+        row["whole_token_redone"] = whole_stats["speculation_redone"]
         rows.append(row)
-        print(f"[host-overhead] {policy}: {row['us_per_moe_layer']:.0f} us per MoE layer "
-              f"(hit rate {row['decode_hit_rate']:.3f})", file=sys.stderr, flush=True)
+        print(f"[host-overhead] {policy}: {row['us_per_moe_layer']:.0f} us per MoE layer layer by layer, "
+              f"{row['whole_token_us_per_moe_layer']:.0f} as whole-token steps (hit rate {row['decode_hit_rate']:.3f})",
+              file=sys.stderr, flush=True)
         engine.cache.close()
         del engine, driver
         gc.collect()
@@ -168,13 +180,18 @@ def markdown(report: dict) -> str:
              f"**{report['notice'].rstrip('.')}.** Widths scaled by {report['reduced']['scale']:g}, so compute is negligible and "
              "a decode step is almost all host work; every expert cached (decode hit rate in the table).", "",
              f"Resident engine (one whole-model program per token): {report['resident_us_per_moe_layer']:.0f} us per MoE layer.", "",
-             "| policy | us per MoE layer | x resident | hit rate | ensure | routing, rest | dispatch | planning | rest |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| policy | us per MoE layer | x resident | whole-token steps: us per MoE layer | x resident | hit rate | ensure | routing, rest | dispatch | planning | rest |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         b = r["breakdown_us"]
-        lines.append(f"| {r['policy']} | {r['us_per_moe_layer']:.0f} | {r['vs_resident']:.2f} | {r['decode_hit_rate']:.3f} | "
+        whole = (f"{r['whole_token_us_per_moe_layer']:.0f} | {r['whole_token_vs_resident']:.2f}"
+                 if "whole_token_us_per_moe_layer" in r else "— | —")
+        lines.append(f"| {r['policy']} | {r['us_per_moe_layer']:.0f} | {r['vs_resident']:.2f} | {whole} | {r['decode_hit_rate']:.3f} | "
                      f"{b['ensure']:.0f} | {b['route_other']:.0f} | {b['dispatch']:.0f} | {b['plan']:.0f} | {b['rest']:.0f} |")
-    lines += ["", "Breakdown (us per decoded MoE layer, one extra pass with the steps timed, which adds a little): "
+    lines += ["", "The first columns time the layer path (one round trip to the host per MoE layer); whole-token steps "
+              "run every decode step as one program over the slots (`--speculate on`, scheduler.speculation), "
+              "which the runtime's default (auto) picks where it measures them faster.", "",
+              "Breakdown of the layer path (us per decoded MoE layer, one extra pass with the steps timed, which adds a little): "
               "ensure = slot lookup, pins, eviction stamps; routing, rest = the wait for the routing decision "
               "(device -> host) and the slot ids; dispatch = the layer's program; planning = feedback, prediction, "
               "plan, eviction bookkeeping; rest = the remainder of the step (the last layer, final norm and logits, "

@@ -13,7 +13,7 @@ import pytest
 
 import jaxmoe
 from jaxmoe.offload import POLICIES, OffloadEngine
-from scheduler.speculation import MAX_REDO, Speculation
+from scheduler.speculation import FORGET, MAX_REDO, Speculation
 
 PROMPT = [5, 17, 33, 8, 41, 12, 9, 60, 3, 27, 71, 44]
 
@@ -186,9 +186,9 @@ def test_accelerator_copy_path_reproduces_resident_output(policy, reference):
 
 def test_speculation_cost_rule():
     """auto: the layer path until a token was seen; each mode's all-cached period measured MIN_SAMPLES times
-    while few tokens would be redone; then the mode whose modelled period a + b q is lower, b measured from
-    tokens with misses; a first compile only for enough tokens left to repay it; compiling tokens time
-    no mode."""
+    while few tokens would be redone; then the mode whose modelled period a + b q is lower (b measured from
+    tokens with misses, q per mode, drifting to the other mode's measurements); a first compile only for
+    enough tokens left to repay it; compiling tokens time no mode."""
     rule = Speculation("auto")
     assert not rule.should_speculate()  # nothing measured
     rule.record(False, 0.0, 0.510, compiled=True)  # the layer path's first step: its startup
@@ -199,7 +199,8 @@ def test_speculation_cost_rule():
     assert rule.should_speculate(tokens_left=101, compiled=False)  # 101 * (0.010 - 0.005) > 0.5
     assert not rule.should_speculate(tokens_left=100, compiled=False)
     rule.record(False, 0.5, 0.015)  # a layer-path token with misses from half way: b_layer = 0.01
-    assert rule.per_redo_s[False] == pytest.approx(0.010) and rule.redo_fraction == pytest.approx(0.1)
+    assert rule.per_redo_s[False] == pytest.approx(0.010)
+    assert rule.redo_fraction[False] == pytest.approx(0.1) and rule.redo_fraction[True] == pytest.approx(FORGET * 0.5)
     rule.record(True, 0.0, 0.304, compiled=True)
     assert rule.startup_s() == pytest.approx(0.304)  # its own startup from now on
     rule.record(True, 0.0, 0.004)
@@ -207,20 +208,24 @@ def test_speculation_cost_rule():
     assert rule.samples[True] == 2 and rule.startup_s() == pytest.approx(0.3)
     assert not rule.should_speculate()  # one all-cached layer-path sample so far: measure another
     rule.record(False, 0.0, 0.010)
-    q = rule.redo_fraction
-    assert rule.period_s(True, q) == pytest.approx(0.004 + 0.020 * q)  # b_spec not measured: a_layer + b_layer
+    q_spec, q_layer = rule.redo_fraction[True], rule.redo_fraction[False]
+    assert rule.period_s(True, q_spec) == pytest.approx(0.004 + 0.020 * q_spec)  # b_spec not measured: a + b of the layer path
+    assert rule.period_s(False, q_layer) == pytest.approx(0.010 + 0.010 * q_layer)
     assert rule.should_speculate()
-    assert not rule.should_speculate(tokens_left=50, compiled=False)  # 50 * ~0.005 does not repay 0.3 s
+    assert not rule.should_speculate(tokens_left=40, compiled=False)  # 40 * ~0.006 does not repay 0.3 s
     rule.record(True, 0.25, 0.014)  # a redone token: b_spec = 0.04
     assert rule.per_redo_s[True] == pytest.approx(0.04)
     for _ in range(3):
-        rule.record(False, 0.4, 0.014)  # q rises to ~0.26: 0.004 + 0.04 q > 0.010 + 0.01 q
-    assert 0.2 < rule.redo_fraction < MAX_REDO and not rule.should_speculate()
-    rule.per_redo_s[True] = 0.02
-    assert rule.should_speculate()  # 0.004 + 0.02 q < 0.010 + 0.01 q
-    for _ in range(5):
-        rule.record(False, 0.9, 0.020)
-    assert rule.redo_fraction >= MAX_REDO and not rule.should_speculate()  # most tokens would fall back early
+        rule.record(True, 0.4, 0.020)  # speculating tokens now miss early: q_spec ~0.26
+    assert 0.2 < rule.redo_fraction[True] < MAX_REDO and not rule.should_speculate()  # 0.004 + 0.04 q_spec > 0.010 + 0.01 q_layer
+    for _ in range(10):
+        rule.record(False, 0.0, 0.010)  # the layer path sees no misses: q_spec drifts down until speculation pays again
+        if rule.should_speculate():
+            break
+    assert rule.should_speculate() and rule.redo_fraction[True] < 0.2
+    for _ in range(8):
+        rule.record(True, 0.9, 0.030)
+    assert rule.redo_fraction[True] >= MAX_REDO and not rule.should_speculate()  # most tokens would fall back early
     assert Speculation("on").should_speculate(1, False) and not Speculation("off").should_speculate()
     with pytest.raises(ValueError, match="always"):
         Speculation("always")
