@@ -26,6 +26,22 @@ def test_policy_benchmark_smoke(converted_model, tmp_path, capsys):
     assert len(err) == 1 and "--policies on-demand@frequency" in err[0] and "take a predictor" in err[0]
 
 
+def test_policy_benchmark_speculation_modes_side_by_side(converted_model, tmp_path, capsys):
+    _, model_dir = converted_model("mixtral")
+    rc = main(["--model", str(model_dir), "--cache", "1.0", "--policies", "on-demand", "--speculate", "off,on",
+               "--repeats", "1", "--prompts", "1", "--max-new-tokens", "8", "--link", "none", "--out", str(tmp_path)])
+    assert rc == 0
+    runs = json.loads((tmp_path / "policies.json").read_text())["runs"]
+    assert [(r["policy"], r["speculate"]) for r in runs] == [("on-demand", "off"), ("on-demand", "on")]
+    assert [r["whole_token_fraction"] for r in runs] == [0.0, 1.0]
+    assert runs[1]["whole_token_redone_fraction"] == 0.0  # every expert cached by the warm-up
+    assert [r["vs_on_demand"] for r in runs] == [1.0, 1.0]  # each against its own mode's on-demand
+    table = (tmp_path / "policies.md").read_text()
+    assert "| on-demand (speculate off) |" in table and "| 1.00 (0.00) |" in table
+    assert main(["--model", str(model_dir), "--speculate", "sometimes", "--out", str(tmp_path)]) == 2
+    assert "--speculate 'sometimes'" in capsys.readouterr().err
+
+
 def test_predictor_cost_smoke(converted_model, tmp_path):
     from bench.__main__ import main as bench_main
 
@@ -56,6 +72,7 @@ def test_host_overhead_smoke(tmp_path):
         assert r["decode_hit_rate"] == 1.0  # every expert cached and warm: the figure is host work, not transfers
         assert r["us_per_moe_layer"] > 0 and r["breakdown_us"]["total"] > 0
         assert all(v >= 0 for k, v in r["breakdown_us"].items() if k != "rest")
+        assert r["whole_token_us_per_moe_layer"] > 0 and r["whole_token_redone"] == 0
     assert report["resident_us_per_moe_layer"] > 0
     assert "SYNTHETIC WEIGHTS" in (tmp_path / "host_overhead.md").read_text()
     assert bench_main(["host-overhead", "--policies", "oracle", "--out", str(tmp_path)]) == 2
