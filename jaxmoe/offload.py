@@ -786,32 +786,42 @@ class OffloadEngine:
         missing = summary[num_pos * k : num_pos * k + num_pos] > 0
         first_miss = int(np.argmax(missing)) if missing.any() else num_pos
         self._spec_tokens += 1
-        for pos in range(first_miss):
-            self._book_resident_layer(pos, ids[pos], summary[num_pos * k + num_pos :] if pos == num_pos - 1 else None)
+        self._book_resident_layers(ids[:first_miss], summary[num_pos * k + num_pos :] if first_miss == num_pos else None)
         if first_miss == num_pos:
             return logits, 0.0
         self._spec_redone += 1
         h = self._forward(token, positions, np.ones(1, bool), self.moe_layer_ids[first_miss], h_in[first_miss])
         return self._logits(h), (num_pos - first_miss) / num_pos
 
-    def _book_resident_layer(self, pos: int, ids: np.ndarray, packed) -> None:
-        """What `_ensure` and `_after_layer` record for MoE position `pos` whose experts (ids int32[k]) the
-        whole-token program read from the cache. packed: the position's features, given for the token's
-        last position, from which the next token's first transfers are planned."""
-        layer, needed = self.moe_layer_ids[pos], distinct_sorted(ids)
-        self.cache.policy.at_step(pos, len(self._requests))
-        self.cache.record_hits(layer, needed)
-        self._requests.append((layer, needed))
-        scores = None
-        if packed is not None:
-            scores = self._plan_ahead(pos, needed, packed)
-        else:
-            self.planner.feedback(pos, needed)
-            if self.predictor is not None and self._scorer is None:
-                self.predictor.observe(pos, needed)
+    def _book_resident_layers(self, ids: np.ndarray, packed) -> None:
+        """What `_ensure` and `_after_layer` record for the first m MoE positions of a token, whose experts
+        (ids int32[m, k]) the whole-token program read from the cache, in one go where the layer path goes
+        position by position (the same counts, use stamps and feedback). packed: the last position's
+        features when m is every position: the next token's first transfers are planned from them."""
+        count = len(ids)
+        if count == 0:
+            return
+        needed = np.sort(ids, axis=1)
+        if (needed[:, 1:] == needed[:, :-1]).any():  # a replayed routing that repeats an expert
+            needed = [distinct_sorted(row) for row in ids]
+        layers = self._moe_layer_index[:count]
+        policy = self.cache.policy
+        policy.at_step(count - 1, len(self._requests) + count - 1)  # no eviction is chosen in between
+        self.cache.record_hits(layers, needed)
+        self._requests.extend(zip(layers.tolist(), needed))
+        last = count - 1 if packed is not None else count  # planned below, with its feedback
+        if not isinstance(self.planner, NoPrefetch) or (self.predictor is not None and self._scorer is None):
+            for pos in range(last):
+                self.planner.feedback(pos, needed[pos])
+                if self.predictor is not None and self._scorer is None:
+                    self.predictor.observe(pos, needed[pos])
+        scores = self._plan_ahead(count - 1, needed[-1], packed) if packed is not None else None
         if self.layer_observer is not None:
-            self.layer_observer(pos, True, ids[None], scores)
-        self.cache.policy.observe(pos, np.bincount(ids, minlength=self.cfg.num_experts).astype(np.float64), 1)
+            for pos in range(count):
+                self.layer_observer(pos, True, ids[pos][None], scores if pos == count - 1 else None)
+        usage = np.zeros((count, self.cfg.num_experts))
+        np.put_along_axis(usage, ids, 1.0, axis=1)
+        policy.observe_rows(usage)
 
     def stats(self) -> dict:
         total = self.cache.stats.as_dict()

@@ -63,6 +63,11 @@ class LRU:
     def observe(self, pos: int, usage: np.ndarray, tokens: int = 1) -> None:
         """usage: float[E] — the fraction of `tokens` tokens that chose each expert at MoE position `pos`."""
 
+    def observe_rows(self, usage: np.ndarray) -> None:
+        """usage: float[m, E] — one token's choices at MoE positions 0..m-1: `observe` for each."""
+        for pos, row in enumerate(usage):
+            self.observe(pos, row)
+
     def set_predictions(self, probabilities: dict[int, np.ndarray]) -> None:
         """{layer: float32[E]}: calibrated P(used) at the next occurrence of each layer within the horizon."""
 
@@ -149,6 +154,11 @@ class ExpectedReuse(LRU):
         each expert at MoE position `pos`."""
         decay = self.FREQ_DECAY ** tokens
         self.freq[pos] = decay * self.freq[pos] + (1 - decay) * usage
+        self._score = None
+
+    def observe_rows(self, usage: np.ndarray) -> None:
+        count = len(usage)
+        self.freq[:count] = self.FREQ_DECAY * self.freq[:count] + (1 - self.FREQ_DECAY) * usage
         self._score = None
 
     def set_predictions(self, probabilities: dict[int, np.ndarray]) -> None:

@@ -219,21 +219,29 @@ class ExpertCache:
                 index = np.where(np.isin(index, list(self._in_flight)), -1, index)
             return index.astype(np.int32)
 
-    def record_hits(self, layer: int, experts: np.ndarray) -> None:
-        """Counts a request that was served from the cache without `request_slots` (a whole-token decode
-        program read these keys of `layer` from slots that had landed): hits, prefetch hits, the
-        eviction policy's use stamps. A key evicted since still counts: the program used its copy."""
+    def record_hits(self, layers: np.ndarray, experts) -> None:
+        """Counts requests served from the cache without `request_slots` (a whole-token decode program read
+        these keys from slots that had landed): layers int[m], experts int[m, k] (or m arrays), row i the
+        distinct experts of layers[i], in request order. Hits, prefetch hits and the eviction policy's use
+        stamps as m `ensure` calls; a key evicted since still counts (the program used its copy)."""
         stats = self.stats
+        rows = [np.asarray(row) for row in experts] if isinstance(experts, list) else experts
+        layer_list = layers.tolist()
         with self._cond:
             self.table.unpin_all()
             if self._prefetched_unused:
-                for e in experts.tolist():
-                    if (layer, e) in self._prefetched_unused:
-                        stats.prefetch_hits += 1
-                        self._prefetched_unused.discard((layer, e))
-            stats.hits += len(experts)
-            stats.hits_per_layer[layer] += len(experts)
-        self.policy.touch_many(layer, experts)
+                for layer, row in zip(layer_list, rows):
+                    for e in row.tolist():
+                        if (layer, e) in self._prefetched_unused:
+                            stats.prefetch_hits += 1
+                            self._prefetched_unused.discard((layer, e))
+            for layer, row in zip(layer_list, rows):
+                stats.hits_per_layer[layer] += len(row)
+            stats.hits += sum(len(row) for row in rows)
+        if isinstance(rows, np.ndarray):
+            self.policy.touch_many(np.repeat(layers, rows.shape[1]), rows.reshape(-1))
+        else:
+            self.policy.touch_many(np.repeat(layers, [len(r) for r in rows]), np.concatenate(rows))
 
     def prefetch(self, keys: Iterable[ExpertKey], protect: Iterable[ExpertKey] = ()) -> None:
         """Replaces the pending prefetches with `keys` (most urgent first). Keys in `protect` (and the
