@@ -9,7 +9,8 @@
 # Each `bench sizes` call starts no new run after its --time-budget (BUDGET seconds, default 420), so a
 # step fits one call; the H100 took 35-70 s per (policy, cache) run and 40-80 s to build a shape.
 #   1  predictor cost fused vs host (the < 5% target), host work per MoE layer (Qwen3 and Mixtral shapes),
-#      with a jax.profiler trace of one Qwen3-shape generation (where the H100's 1.2 ms per layer goes)
+#      layer by layer and as whole-token steps (--speculate on), with a jax.profiler trace of one
+#      Qwen3-shape generation (where the H100's 1.2 ms per layer goes)
 #   2  Qwen3-30B-A3B at 25% and 100% cache: on-demand / presched / oracle, then resident (58 GB of experts
 #      fit an 80 GB GPU)
 #   3  Mixtral-8x7B at 50%: the policies the last run's time budget cut (lfu, prefetch, presched, oracle)

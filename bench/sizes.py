@@ -429,6 +429,7 @@ def run_shape(name: str, args, source, trace_path, peer: dict, budget: Budget, o
 
     from bench.policies import run_engine
     from bench.synthetic import NOTICE, AllHits, SyntheticModel, layers_fitting_host, replayed_routing
+    from scheduler.speculation import Speculation
 
     notes: list[str] = []
     layers = args.layers
@@ -485,13 +486,16 @@ def run_shape(name: str, args, source, trace_path, peer: dict, budget: Budget, o
     # compute floor: every request a hit
     k = cfg.num_experts_per_tok
     engine = model.engine(k * len(cfg.moe_layer_ids), "on-demand")
+    engine.speculation = Speculation(args.speculate)
     engine.routing_override = AllHits(k, len(cfg.moe_layer_ids))
     r = run_engine(ReplayDriver(engine, None, prompts), prompts, args.tokens, args.repeats)
     compute_s = 1.0 / r["decode_tokens_per_s"]
     report["compute"] = {"method": "offloaded engine, routing forced onto experts 0..k-1 of every MoE layer with "
                                    "k slots per layer: all hits, no transfers",
                          "s_per_token": compute_s, "decode_tokens_per_s": r["decode_tokens_per_s"],
-                         "ttft_s": r["ttft_s"], "hit_rate": r["hit_rate"], "h2d_gb_per_token": r["h2d_gb_per_token"]}
+                         "ttft_s": r["ttft_s"], "hit_rate": r["hit_rate"], "h2d_gb_per_token": r["h2d_gb_per_token"],
+                         "whole_token_fraction": r["whole_token_fraction"],
+                         "whole_token_redone_fraction": r["whole_token_redone_fraction"]}
     del engine
     gc.collect()
     print(f"[{name}] compute floor {compute_s * 1e3:.2f} ms/token; H2D pinned {bw['pinned_host_gbps']:.1f} GB/s, "
@@ -516,6 +520,7 @@ def run_shape(name: str, args, source, trace_path, peer: dict, budget: Budget, o
                 return finish(report, model, args, budget, out_dir, prompts, skip_resident=True)
             t0 = time.perf_counter()
             engine = model.engine(slots, policy, predictor)
+            engine.speculation = Speculation(args.speculate)
             engine.routing_override = replay
             r = run_engine(ReplayDriver(engine, replay, prompts), prompts, args.tokens, args.repeats)
             s = engine.stats()
@@ -610,6 +615,8 @@ def _bytes(n) -> str:
 
 
 def markdown(report: dict) -> str:
+    from bench.policies import whole_token_cell
+
     m, dev = report["model"], report["device"]
     lines = [f"# Offloaded decode at real size — {report['shape']} on {dev['device']}", "",
              f"**{report['notice']}.**", ""]
@@ -633,7 +640,7 @@ def markdown(report: dict) -> str:
     c = report.get("compute")
     if c:
         lines += [f"Compute floor (offloaded engine, all hits): {c['s_per_token'] * 1e3:.2f} ms/token = "
-                  f"{c['decode_tokens_per_s']:.2f} tok/s"]
+                  f"{c['decode_tokens_per_s']:.2f} tok/s" + (f" (whole-token steps {whole_token_cell(c)})" if "whole_token_fraction" in c else "")]
     res = report.get("resident")
     if res:
         lines += ["Resident (all weights on device): " + (res["skipped"] if "skipped" in res else
@@ -641,12 +648,13 @@ def markdown(report: dict) -> str:
     peer = report.get("peer")
     if peer:
         lines += ["HF transformers + accelerate CPU offload: " + peer_summary(peer)]
-    lines += ["", "| cache | policy | decode tok/s | of bound | TTFT s | stall frac | hit rate | prefetch prec | H2D GB/tok | peak dev GB |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| cache | policy | decode tok/s | of bound | TTFT s | stall frac | hit rate | prefetch prec | H2D GB/tok | peak dev GB | whole-token steps (redone) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(f"| {r['cache_fraction']:.0%} ({r['cache_slots']}) | {r['policy']} | {r['decode_tokens_per_s']:.2f} | "
                      f"{r['fraction_of_bound']:.2f} | {r['ttft_s']:.3f} | {r['stall_fraction']:.3f} | {r['hit_rate']:.3f} | "
-                     f"{_fmt(r['prefetch_precision'], '.3f')} | {r['h2d_gb_per_token']:.4g} | {r['peak_device_bytes'] / 1e9:.4g} |")
+                     f"{_fmt(r['prefetch_precision'], '.3f')} | {r['h2d_gb_per_token']:.4g} | {r['peak_device_bytes'] / 1e9:.4g} | "
+                     f"{whole_token_cell(r)} |")
     if report["bounds"]:
         lines += ["", "Bound (Belady-minimal transfers, warm cache; pinned bandwidth; compute floor):", "",
                   "| cache | slots | min H2D GB/tok | limited by | bound tok/s | per-token bound tok/s |", "|---|---|---|---|---|---|"]
@@ -756,6 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-cache", type=float, default=0.5, help="peer's GPU budget: non-expert weights + this fraction of the experts")
     p.add_argument("--peer-tokens", type=int, default=8)
     p.add_argument("--peer-timeout", type=float, default=420)
+    p.add_argument("--speculate", choices=("auto", "on", "off"), default="auto",
+                   help="decode steps as one program when their experts are cached (scheduler.speculation)")
     p.add_argument("--skip-resident", action="store_true")
     p.add_argument("--time-budget", type=float, default=None, help="seconds: start no new run after this (per shape)")
     p.add_argument("--out", type=Path, default=None)
