@@ -12,9 +12,11 @@ prefetching policy uses `--predictor` (default gate-lookahead). `--speculate off
 policy both with decode steps layer by layer only and with the engine's default choice (see
 scheduler.speculation), side by side.
 
-Each (policy, cache size) gets its own engine, a warm-up generation (compilation, cache fill) on a
-separate prompt, then `repeats` measured passes over the same prompts; the figures are medians over
-passes. `--link auto` sets the emulated link so that moving one expert takes as long as one MoE
+Each (policy, cache size) gets its own engine and a warm-up (compilation, cache fill); then, per cache
+size, `repeats` rounds each run one measured pass over the same prompts on every engine in turn, so the
+configurations compared share the machine's slow and fast minutes; the figures are medians over
+passes. A cache size's engines are all alive at once (each with its own host copy of the experts: meant
+for small models such as the default one). `--link auto` sets the emulated link so that moving one expert takes as long as one MoE
 layer's compute, measured on this machine with every expert cached (the PCIe-attached GPU regime).
 Writes JSON and a Markdown table under `--out` (default bench/results/<device>/). Everything produced
 under the link emulator says so.
@@ -77,14 +79,32 @@ def make_prompts(engine, count: int, length: int, seed: int = 0) -> list[list[in
 
 
 def run_engine(engine, prompts, max_new_tokens: int, repeats: int) -> dict:
-    """Warm-up: a generation of prompts[0], then of every measured prompt just long enough to allocate
-    the KV cache the measured ones do (the offloaded prefill kernel compiles once per bucket of rows per
-    expert group, which depends on the routing, and per KV-cache length: a 1-token warm-up, shorter than
-    that, left programs to compile inside the measured TTFT, 1.8-2.3 s for one prompt of six), then
-    `repeats` passes over prompts[1:]; medians of per-pass aggregates. `measured_compile_s`: compilation
-    inside the measured passes (0 when the warm-up covered every program). An offloaded engine deciding
-    for itself whether to run decode steps as one program (speculation "auto") warms that program up
-    too: its first generation runs every step that way; later ones choose from measured costs."""
+    """`warm_up`, then `repeats` passes over prompts[1:] (`measure_pass`) -> `summarize` of them."""
+    warm_up(engine, prompts, max_new_tokens)
+    return summarize([measure_pass(engine, prompts, max_new_tokens) for _ in range(repeats)])
+
+
+def run_engines_interleaved(engines: list, prompts, max_new_tokens: int, repeats: int) -> list[dict]:
+    """`run_engine` for several engines side by side: every engine warmed up, then each repeat runs one pass
+    of each engine in turn, so a machine's slow minutes fall on every configuration alike (run one after
+    the other, configurations measured minutes apart differed by up to 15% on the 2-core VM where an
+    interleaved A/B of the same two found none) -> one `summarize` per engine."""
+    for engine in engines:
+        warm_up(engine, prompts, max_new_tokens)
+    passes = [[] for _ in engines]
+    for _ in range(repeats):
+        for engine, done in zip(engines, passes):
+            done.append(measure_pass(engine, prompts, max_new_tokens))
+    return [summarize(done) for done in passes]
+
+
+def warm_up(engine, prompts, max_new_tokens: int) -> None:
+    """A generation of prompts[0], then of every measured prompt just long enough to allocate the KV cache
+    the measured ones do (the offloaded prefill kernel compiles once per bucket of rows per expert group,
+    which depends on the routing, and per KV-cache length: a 1-token warm-up, shorter than that, left
+    programs to compile inside the measured TTFT, 1.8-2.3 s for one prompt of six). An offloaded engine
+    deciding for itself whether to run decode steps as one program (speculation "auto") warms that
+    program up too: its first generation runs every step that way; later ones choose from measured costs."""
     speculation = getattr(getattr(engine, "engine", engine), "speculation", None)  # a bench.sizes driver wraps one
     if speculation is not None and speculation.mode == "auto":
         speculation.mode = "on"
@@ -95,41 +115,51 @@ def run_engine(engine, prompts, max_new_tokens: int, repeats: int) -> dict:
     engine.generate(prompts[0], max_new_tokens)
     for prompt in prompts[1:]:
         engine.generate(prompt, warmup_tokens(len(prompt), max_new_tokens))
-    passes = []
-    measured_compile_s = 0.0
-    for _ in range(repeats):
-        decode_s = tokens = stall = h2d = hits = requests = prefetches = prefetch_hits = ttft = whole = redone = 0.0
-        for prompt in prompts[1:]:
-            s = engine.generate(prompt, max_new_tokens).stats
-            measured_compile_s += s["compile_s"]
-            decoded = s["generated_tokens"] - 1
-            decode_s += s["decode_s"]
-            tokens += decoded
-            ttft += s["ttft_s"]
-            stall += s["stall_s"]
-            h2d += s["h2d_bytes"]
-            cache = s.get("decode_cache", {})
-            hits += cache.get("hits", decoded)
-            requests += cache.get("hits", decoded) + cache.get("late_hits", 0) + cache.get("misses", 0)
-            prefetches += cache.get("prefetches", 0)
-            prefetch_hits += cache.get("prefetch_hits", 0)
-            whole += s.get("speculated_tokens", 0)
-            redone += s.get("speculation_redone", 0)
-        passes.append({
-            "decode_tokens_per_s": tokens / decode_s,
-            "ttft_s": ttft / len(prompts[1:]),
-            "stall_fraction": stall / decode_s,
-            "hit_rate": hits / requests if requests else 1.0,
-            "prefetch_precision": prefetch_hits / prefetches if prefetches else None,
-            "h2d_gb_per_token": h2d / 1e9 / tokens,
-            # decode steps run as one program, and those finished layer by layer after a miss (of all steps)
-            "whole_token_fraction": whole / tokens,
-            "whole_token_redone_fraction": redone / tokens,
-        })
+
+
+def measure_pass(engine, prompts, max_new_tokens: int) -> dict:
+    """One measured pass over prompts[1:] -> its aggregate figures (`compile_s`: compilation inside it, 0
+    when the warm-up covered every program)."""
+    decode_s = tokens = stall = h2d = hits = requests = prefetches = prefetch_hits = ttft = whole = redone = 0.0
+    compile_s = 0.0
+    for prompt in prompts[1:]:
+        s = engine.generate(prompt, max_new_tokens).stats
+        compile_s += s["compile_s"]
+        decoded = s["generated_tokens"] - 1
+        decode_s += s["decode_s"]
+        tokens += decoded
+        ttft += s["ttft_s"]
+        stall += s["stall_s"]
+        h2d += s["h2d_bytes"]
+        cache = s.get("decode_cache", {})
+        hits += cache.get("hits", decoded)
+        requests += cache.get("hits", decoded) + cache.get("late_hits", 0) + cache.get("misses", 0)
+        prefetches += cache.get("prefetches", 0)
+        prefetch_hits += cache.get("prefetch_hits", 0)
+        whole += s.get("speculated_tokens", 0)
+        redone += s.get("speculation_redone", 0)
+    return {
+        "decode_tokens_per_s": tokens / decode_s,
+        "ttft_s": ttft / len(prompts[1:]),
+        "stall_fraction": stall / decode_s,
+        "hit_rate": hits / requests if requests else 1.0,
+        "prefetch_precision": prefetch_hits / prefetches if prefetches else None,
+        "h2d_gb_per_token": h2d / 1e9 / tokens,
+        # decode steps run as one program, and those finished layer by layer after a miss (of all steps)
+        "whole_token_fraction": whole / tokens,
+        "whole_token_redone_fraction": redone / tokens,
+        "compile_s": compile_s,
+    }
+
+
+def summarize(passes: list[dict]) -> dict:
+    """Medians over passes of each figure; `decode_tokens_per_s_all_passes`; `measured_compile_s`, the
+    compilation inside all of them."""
+    figures = [k for k in passes[0] if k != "compile_s"]
     # a figure can be undefined in some passes only (prefetch precision of a pass that prefetched nothing)
-    out = {k: statistics.median(vals) if (vals := [p[k] for p in passes if p[k] is not None]) else None for k in passes[0]}
+    out = {k: statistics.median(vals) if (vals := [p[k] for p in passes if p[k] is not None]) else None for k in figures}
     out["decode_tokens_per_s_all_passes"] = [p["decode_tokens_per_s"] for p in passes]
-    out["measured_compile_s"] = measured_compile_s
+    out["measured_compile_s"] = sum(p["compile_s"] for p in passes)
     return out
 
 
@@ -250,22 +280,29 @@ def run(args) -> int:
         link = f"{expert_bytes / compute_s / 1e9:.6f},0"
     elif args.link != "none":
         link = args.link
-    combos = [(f, pol, pred, mode) for f in fractions for mode in modes for pol, pred in entries]
-    for fraction, policy, predictor, mode in tqdm(combos, desc="policy x cache", unit="run"):
+    combos = [(pol, pred, mode) for mode in modes for pol, pred in entries]
+    progress = tqdm(total=len(fractions) * len(combos), desc="policy x cache", unit="run")
+    for fraction in fractions:  # each cache size's configurations measured side by side, passes interleaved
         slots = max(cfg.num_experts_per_tok, int(round(fraction * total_experts)))
-        options = {"cache_slots": slots, "policy": policy, "speculate": mode}
-        if link:
-            options["emulate_link"] = link
-        if predictor:
-            options["predictor"] = predictor
-        if policy in PREDICTOR_POLICIES and args.fuse_predictor != "auto":
-            options["fuse_predictor"] = args.fuse_predictor == "on"
-        engine = jaxmoe.load(args.model, **options)
-        r = run_engine(engine, prompts, args.max_new_tokens, args.repeats)
-        r.update(cache_fraction=fraction, cache_slots=slots, policy=policy,
-                 predictor=getattr(engine.predictor, "name", None), predictor_spec=predictor,
-                 predictor_fused=engine.stats()["predictor_fused"], speculate=mode, speculate_modes=len(modes))
-        rows.append(r)
+        engines = []
+        for policy, predictor, mode in combos:
+            options = {"cache_slots": slots, "policy": policy, "speculate": mode}
+            if link:
+                options["emulate_link"] = link
+            if predictor:
+                options["predictor"] = predictor
+            if policy in PREDICTOR_POLICIES and args.fuse_predictor != "auto":
+                options["fuse_predictor"] = args.fuse_predictor == "on"
+            engines.append(jaxmoe.load(args.model, **options))
+        results = run_engines_interleaved(engines, prompts, args.max_new_tokens, args.repeats)
+        for engine, r, (policy, predictor, mode) in zip(engines, results, combos):
+            r.update(cache_fraction=fraction, cache_slots=slots, policy=policy,
+                     predictor=getattr(engine.predictor, "name", None), predictor_spec=predictor,
+                     predictor_fused=engine.stats()["predictor_fused"], speculate=mode, speculate_modes=len(modes))
+            rows.append(r)
+        progress.update(len(combos))
+        del engines
+    progress.close()
     add_ratios(rows, "decode_tokens_per_s")
     report = {
         "model": str(args.model),
