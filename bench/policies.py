@@ -294,8 +294,8 @@ def run(args) -> int:
             if policy in PREDICTOR_POLICIES and args.fuse_predictor != "auto":
                 options["fuse_predictor"] = args.fuse_predictor == "on"
             engines.append(jaxmoe.load(args.model, **options))
-        results = run_engines_interleaved(engines, prompts, args.max_new_tokens, args.repeats)
-        for engine, r, (policy, predictor, mode) in zip(engines, results, combos):
+        measured = run_engines_interleaved(engines, prompts, args.max_new_tokens, args.repeats)
+        for engine, r, (policy, predictor, mode) in zip(engines, measured, combos):
             r.update(cache_fraction=fraction, cache_slots=slots, policy=policy,
                      predictor=getattr(engine.predictor, "name", None), predictor_spec=predictor,
                      predictor_fused=engine.stats()["predictor_fused"], speculate=mode, speculate_modes=len(modes))
