@@ -68,9 +68,9 @@ def test_llapor_refuses_a_longer_horizon_than_trained():
         host.to_fused(3)
 
 
-def observed_run(model_dir, predictor, fuse, policy="presched"):
+def observed_run(model_dir, predictor, fuse, policy="presched", cache_slots=4, speculate="auto"):
     """-> (generated ids, [(pos, scores)] of every decode layer) of one offloaded run."""
-    engine = jaxmoe.load(model_dir, cache_slots=4, policy=policy, predictor=predictor)
+    engine = jaxmoe.load(model_dir, cache_slots=cache_slots, policy=policy, predictor=predictor, speculate=speculate)
     engine.fuse_predictor = fuse
     seen = []
     engine.layer_observer = lambda pos, decoding, ids, scores: seen.append((pos, scores)) if decoding else None
@@ -96,6 +96,27 @@ def test_engine_fused_and_host_predictors_agree(tmp_path, converted_model, predi
     assert len(fused) == len(hosted) > 0
     for (pos_a, a), (pos_b, b) in zip(fused, hosted):
         assert pos_a == pos_b
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("cache_slots", [4, 12])
+def test_whole_token_steps_keep_fused_and_host_predictors_agreeing(tmp_path, converted_model, cache_slots):
+    """Every decode step as one program (`speculate="on"`), with an LLaPor that keeps routing history: the
+    fused predictor updates its history inside the program (up to a miss, 4 slots) and scores the next
+    token from its last layer; the host one observes the booked routing. Same scores, same tokens."""
+    _, model_dir = converted_model("qwen2_moe")
+    expected = jaxmoe.load(model_dir).generate(PROMPT, 10).generated_ids
+    cfg = jaxmoe.load(model_dir, cache_slots=4).cfg
+    host, params = random_llapor(cfg.hidden_size, cfg.num_experts, len(cfg.moe_layer_ids), cfg.num_experts_per_tok,
+                                 use_history=True, use_lookahead=True, use_current=True)
+    save(tmp_path / "llapor", host.cfg, params, {"trained_on": {"name": "random"}})
+    runs = [observed_run(model_dir, str(tmp_path / "llapor"), fuse, "prefetch", cache_slots, "on") for fuse in (True, False)]
+    (fused_ids, fused), (host_ids, hosted) = runs
+    assert fused_ids == host_ids == expected
+    assert [pos for pos, _ in fused] == [pos for pos, _ in hosted]
+    scored = [(a, b) for (_, a), (_, b) in zip(fused, hosted) if a is not None or b is not None]
+    assert scored
+    for a, b in scored:
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
 
 
