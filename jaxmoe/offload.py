@@ -36,7 +36,7 @@ from scheduler.eviction import LFU, LRU, Belady, ExpectedReuse
 from scheduler.expert_cache import ExpertCache
 from scheduler.link import EmulatedLink
 from scheduler.planners import Adaptive, NoPrefetch, OraclePlanner, PlanContext, PreSched, TopKPrefetch
-from scheduler.speculation import Speculation
+from scheduler.speculation import MODES as SPECULATION_MODES, Speculation
 
 EXPERT_NAMES = ("w_gate", "w_up", "w_down")
 PREFILL_CHUNK = 256  # tokens per prefill chunk
@@ -289,7 +289,7 @@ def choose_num_slots(cfg: ModelConfig, expert_bytes: int, resident_bytes: int, d
 
 
 POLICIES = ("on-demand", "lfu", "prefetch", "presched", "adaptive", "oracle")
-SPECULATE_MODES = ("auto", "on", "off")
+SPECULATE_MODES = SPECULATION_MODES
 PREDICTOR_POLICIES = ("prefetch", "presched", "adaptive")
 PREDICTORS = ("gate-lookahead", "previous-token", "frequency")
 
