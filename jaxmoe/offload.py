@@ -819,9 +819,9 @@ class OffloadEngine:
         if self.layer_observer is not None:
             for pos in range(count):
                 self.layer_observer(pos, True, ids[pos][None], scores if pos == count - 1 else None)
-        usage = np.zeros((count, self.cfg.num_experts))
-        np.put_along_axis(usage, ids, 1.0, axis=1)
-        policy.observe_rows(usage)
+        num_experts = self.cfg.num_experts  # per row what `_after_layer` counts with np.bincount
+        rows = (np.arange(count)[:, None] * num_experts + ids).reshape(-1)
+        policy.observe_rows(np.bincount(rows, minlength=count * num_experts).reshape(count, num_experts).astype(np.float64))
 
     def stats(self) -> dict:
         total = self.cache.stats.as_dict()
