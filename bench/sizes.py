@@ -58,6 +58,7 @@ import numpy as np
 
 from bench.shapes import SHAPE_NAMES, describe, hf_config_dict, model_config
 from jaxmoe.errors import JaxmoeError, run_cli
+from scheduler.speculation import MODES as SPECULATION_MODES, Speculation
 
 DEFAULT_POLICIES = ("on-demand", "lfu", "prefetch", "presched", "adaptive", "oracle")
 DEFAULT_CACHE = "0.1,0.25,0.5,0.75,1.0"
@@ -429,7 +430,6 @@ def run_shape(name: str, args, source, trace_path, peer: dict, budget: Budget, o
 
     from bench.policies import run_engine
     from bench.synthetic import NOTICE, AllHits, SyntheticModel, layers_fitting_host, replayed_routing
-    from scheduler.speculation import Speculation
 
     notes: list[str] = []
     layers = args.layers
@@ -764,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-cache", type=float, default=0.5, help="peer's GPU budget: non-expert weights + this fraction of the experts")
     p.add_argument("--peer-tokens", type=int, default=8)
     p.add_argument("--peer-timeout", type=float, default=420)
-    p.add_argument("--speculate", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--speculate", choices=SPECULATION_MODES, default="auto",
                    help="decode steps as one program when their experts are cached (scheduler.speculation)")
     p.add_argument("--skip-resident", action="store_true")
     p.add_argument("--time-budget", type=float, default=None, help="seconds: start no new run after this (per shape)")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from jaxmoe.errors import JaxmoeError, run_cli
+from scheduler.speculation import MODES as SPECULATION_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", default=None, help="predictor driving prefetch policies")
     p.add_argument("--fuse-predictor", choices=("auto", "on", "off"), default="auto",
                    help="run the predictor inside each MoE layer's jitted program (auto: on accelerators, not on CPU)")
-    p.add_argument("--speculate", choices=("auto", "on", "off"), default=None,
+    p.add_argument("--speculate", choices=SPECULATION_MODES, default=None,
                    help="run a decode step as one program when its experts are cached, layer by layer from a miss "
                         "(auto, the default: where measured faster)")
     p.add_argument("--emulate-link", default=None, metavar="GBPS[,LATENCY_US]", help="emulate a host-to-device link")

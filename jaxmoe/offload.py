@@ -712,12 +712,13 @@ class OffloadEngine:
         self._time_last_token(start, compiled)
         positions = jnp.array([[position]], jnp.int32)
         self._decode_steps += 1
-        if self._can_speculate() and self._should_speculate():
+        can_speculate = self._can_speculate()
+        if can_speculate and self._should_speculate():
             logits, redo = self._speculate(token, positions)
             self._timed_token = (True, redo, start, compiled)
             return logits
         landed = None
-        if self.speculation.mode == "auto" and self._can_speculate():  # what a speculation would have found
+        if self.speculation.mode == "auto" and can_speculate:  # what a speculation would have found
             landed = self.cache.landed_slots(self._moe_layer_index)
             self._token_needed = []
         h = self._forward(token, positions, np.ones(1, bool))
@@ -759,9 +760,9 @@ class OffloadEngine:
         """One decode step as one program over the landed slots (`decode_token_over_slots`) -> (logits
         float32[1, V], the fraction of MoE positions redone layer by layer after a miss, 0 if none).
 
-        The host then books what the program did as the layer path would have, position by position:
-        hits, eviction stamps, the planner's feedback, the predictor's history; after the last position
-        it plans the next token's first transfers. From a missed position on it runs the layer path,
+        The host then books what the program did as the layer path would have (`_book_resident_layers`):
+        hits, eviction stamps, the planner's feedback, the predictor's history; after a whole token it
+        plans the next token's first transfers. From a missed position on it runs the layer path,
         from the hidden state that entered that layer, over the KV cache rows the program wrote (each
         layer rewrites its row at this position before reading it)."""
         num_pos, k = len(self.moe_layer_ids), self.cfg.num_experts_per_tok
@@ -853,8 +854,8 @@ class OffloadEngine:
             "layer_compute_s": self._layer_compute_s,
             # decode steps run as one whole-token program, and those of them finished layer by layer after
             # a miss (scheduler.speculation)
-            "speculated_tokens": getattr(self, "_spec_tokens", 0),
-            "speculation_redone": getattr(self, "_spec_redone", 0),
+            "speculated_tokens": self._spec_tokens,
+            "speculation_redone": self._spec_redone,
             "speculation": self.speculation.as_dict(),
             "cache": total,
         }
