@@ -25,10 +25,11 @@ from jaxmoe.tokenizer import load_tokenizer  # noqa: E402
 __all__ = ["load", "load_tokenizer", "JaxmoeError"]
 
 
-def load(path, dtype=None, **offload_options):
+def load(path, dtype=None, quantize_experts=None, **offload_options):
     """Loads a converted model directory and returns an engine with `.generate(prompt_ids, max_new_tokens, ...)`.
 
-    With no offload options every weight is placed on the device (`ResidentEngine`).
+    With no offload options every weight is placed on the device (`ResidentEngine`). quantize_experts "int8":
+    routed experts as int8 codes with per-channel scales (`jaxmoe.expert_quant`), offloaded or resident.
     """
     from jaxmoe.checkpoint import load_resident
     from jaxmoe.engine import ResidentEngine
@@ -39,6 +40,15 @@ def load(path, dtype=None, **offload_options):
     if offload_options:
         from jaxmoe.offload import OffloadEngine
 
-        return OffloadEngine.load(path, dtype=dtype, tokenizer=load_tokenizer(path), **offload_options)
-    cfg, graphdef, state = load_resident(path, dtype=dtype)
-    return ResidentEngine(cfg, graphdef, state, tokenizer=load_tokenizer(path))
+        return OffloadEngine.load(path, dtype=dtype, tokenizer=load_tokenizer(path), quantize_experts=quantize_experts,
+                                  **offload_options)
+    from jaxmoe.expert_quant import check_quantize
+
+    try:
+        check_quantize(quantize_experts)
+    except ValueError as e:
+        raise JaxmoeError(str(e)) from None
+    cfg, graphdef, state = load_resident(path, dtype=dtype, quantize_experts=quantize_experts)
+    engine = ResidentEngine(cfg, graphdef, state, tokenizer=load_tokenizer(path))
+    engine.quantize_experts = quantize_experts
+    return engine

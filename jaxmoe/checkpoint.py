@@ -17,11 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxmoe.config import ModelConfig, load_config
 from jaxmoe.errors import JaxmoeError
+from jaxmoe.expert_quant import dequantize_int8, quantize_int8
 
 WEIGHTS_DIR = "weights"
 GLOBAL_KEYS = ("embed", "final_norm", "lm_head")
@@ -98,8 +100,9 @@ def restore_layer_experts(model_dir: Path, layer_id: int, abstract_experts: dict
     return restore_piece(model_dir, f"layer_{layer_id:03d}/experts", with_sharding(abstract_experts, sharding))
 
 
-def load_resident(model_dir: Path, dtype=None):
-    """Restores the whole model onto the default device -> (cfg, graphdef, state)."""
+def load_resident(model_dir: Path, dtype=None, quantize_experts: str | None = None):
+    """Restores the whole model onto the default device -> (cfg, graphdef, state). quantize_experts "int8": the
+    routed experts are the int8-dequantized weights an offloaded engine with the same option computes with."""
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
     graphdef, abstract_state = abstract_model(cfg, dtype)
@@ -113,6 +116,9 @@ def load_resident(model_dir: Path, dtype=None):
         layer = restore_piece(model_dir, f"layer_{i:03d}/dense", with_sharding(dense, device))
         if experts is not None:
             layer["moe"]["experts"] = restore_layer_experts(model_dir, i, experts, device)
+            if quantize_experts is not None:
+                layer["moe"]["experts"] = {name: jax.device_put(dequantize_int8(*quantize_int8(np.asarray(w)), w.dtype), device)
+                                           for name, w in layer["moe"]["experts"].items()}
         layers[i] = layer
     restored["layers"] = layers
     nnx.replace_by_pure_dict(abstract_state, restored)

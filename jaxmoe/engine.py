@@ -221,6 +221,7 @@ class ResidentEngine:
     """All weights on the device: the reference every offloaded configuration must reproduce."""
 
     policy = "resident"
+    quantize_experts = None  # "int8": its routed experts are int8-dequantized (`jaxmoe.load`)
 
     def __init__(self, cfg: ModelConfig, graphdef, state, tokenizer=None):
         self.cfg, self.state, self.tokenizer = cfg, state, tokenizer
@@ -243,6 +244,7 @@ class ResidentEngine:
         weights = tree_bytes(self.state)
         return {
             "policy": self.policy,
+            "quantize_experts": self.quantize_experts,
             "hit_rate": 1.0,
             "h2d_bytes": 0,
             "stall_s": 0.0,

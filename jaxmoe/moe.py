@@ -1,7 +1,7 @@
 """The MoE block (router + routed experts + optional shared expert) and the routed-expert kernels.
 
 Routed-expert weights are stacked over a leading "slot" axis: `w_gate, w_up: [S, d, f]`,
-`w_down: [S, f, d]`. In the resident model slot == expert id; the offloading runtime passes a
+`w_down: [S, f, d]` (arrays, or `jaxmoe.expert_quant.Int8Stack`s the offloaded kernels index alike). In the resident model slot == expert id; the offloading runtime passes a
 fixed-size pool of device slots and slot ids instead. Interchangeable kernels:
   - `experts_gather`: gathers each token's k expert matrices (few tokens: decode).
   - `experts_grouped`: sorts token-expert pairs by slot and runs `jax.lax.ragged_dot` (resident prefill).
@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmoe.config import ModelConfig
+from jaxmoe.expert_quant import weight_row
 from jaxmoe.layers import SwiGLUMLP, linear, normal_param, swiglu
 from jaxmoe.routing import RouterSpec, router_logits, select_experts
 
@@ -115,7 +116,7 @@ def experts_bucketed(x, slot_ids, weights, w_gate, w_up, w_down, num_groups: int
         def run(pair_out):
             present = rows >= 0
             token = jnp.where(present, rows, 0) // k
-            w = [jax.lax.dynamic_index_in_dim(m, slot, 0, keepdims=False) for m in (w_gate, w_up, w_down)]
+            w = [weight_row(m, slot) for m in (w_gate, w_up, w_down)]
             y = swiglu(x[token], *w)  # [R, d]
             return pair_out.at[jnp.where(present, rows, pairs)].set(y, mode="drop")  # each pair written once
 

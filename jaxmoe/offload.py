@@ -28,6 +28,7 @@ from jaxmoe.checkpoint import abstract_model, restore_layer_experts, restore_pie
 from jaxmoe.config import ModelConfig, load_config
 from jaxmoe.engine import SamplingParams, compile_seconds, device_peak_bytes, flat_state, generate_loop, tree_bytes
 from jaxmoe.errors import JaxmoeError
+from jaxmoe.expert_quant import Int8Stack, check_quantize, quantize_int8
 from jaxmoe.inplace import update_row
 from jaxmoe.model import ATTENTION_MODULES, lm_logits
 from jaxmoe.moe import GATHER_MAX_TOKENS, ExpertWeight, experts_bucketed, plan_buckets, routed_experts
@@ -206,21 +207,47 @@ def final_logits(graphdef, state, head, h):
     return lm_logits(graphdef.merge(state), head, h)
 
 
-def pack_expert(weights: dict, dtype) -> np.ndarray:
-    """{w_gate [d, f], w_up [d, f], w_down [f, d]} -> one flat array [3*d*f] (EXPERT_NAMES order), so moving
-    an expert is one host-to-device copy instead of three (about half the per-copy cost)."""
-    return np.concatenate([np.asarray(weights[n]).astype(dtype).reshape(-1) for n in EXPERT_NAMES])
+def pack_expert(weights: dict, dtype, quantize: str | None = None) -> np.ndarray:
+    """{w_gate [d, f], w_up [d, f], w_down [f, d]} -> one flat array, so moving an expert is one host-to-device
+    copy instead of three (about half the per-copy cost). quantize None: [3*d*f] of `dtype` (EXPERT_NAMES
+    order); "int8": uint8 bytes, per weight its int8 codes [a*b] then its float32 scales [b] (`quantize_int8`)."""
+    if quantize is None:
+        return np.concatenate([np.asarray(weights[n]).astype(dtype).reshape(-1) for n in EXPERT_NAMES])
+    parts = []
+    for n in EXPERT_NAMES:
+        codes, scale = quantize_int8(weights[n])
+        parts += [codes.reshape(-1).view(np.uint8), scale.reshape(-1).view(np.uint8)]
+    return np.concatenate(parts)
+
+
+def empty_slots(expert_shapes: dict, num_slots: int, quantize: str | None = None) -> dict:
+    """Zeroed device slot buffers {w_*: [S, ...]} for `expert_shapes` {w_*: (shape, compute dtype)}; quantized,
+    {w_*: Int8Stack(codes int8[S, a, b], scale float32[S, b])}."""
+    if quantize is None:
+        return {n: jnp.zeros((num_slots, *shape), dtype) for n, (shape, dtype) in expert_shapes.items()}
+    return {n: Int8Stack(jnp.zeros((num_slots, *shape), jnp.int8), jnp.zeros((num_slots, shape[-1]), jnp.float32),
+                         jnp.dtype(dtype).name)
+            for n, (shape, dtype) in expert_shapes.items()}
 
 
 @partial(jax.jit, donate_argnames=("slots",))
 def write_slot(slots, slot, packed):
     """In-place write of one packed expert (`pack_expert`, already on the device) into row `slot` of the
-    slot buffers {w_*: [S, ...]}."""
+    slot buffers {w_*: [S, ...]} (or `Int8Stack`s, from packed bytes)."""
     out, start = {}, 0
     for name in EXPERT_NAMES:
-        shape = slots[name].shape[1:]
+        buffer = slots[name]
+        shape = buffer.shape[1:]
         size = math.prod(shape)
-        out[name] = update_row(slots[name], packed[start : start + size].reshape(shape), slot)
+        if isinstance(buffer, Int8Stack):
+            codes = jax.lax.bitcast_convert_type(packed[start : start + size], jnp.int8).reshape(shape)
+            start += size
+            cols = shape[-1]
+            scale = jax.lax.bitcast_convert_type(packed[start : start + 4 * cols].reshape(cols, 4), jnp.float32)
+            start += 4 * cols
+            out[name] = Int8Stack(update_row(buffer.codes, codes, slot), update_row(buffer.scale, scale, slot), buffer.dtype)
+            continue
+        out[name] = update_row(buffer, packed[start : start + size].reshape(shape), slot)
         start += size
     return out
 
@@ -245,11 +272,14 @@ def host_memory_kind(device) -> str:
 
 
 class ExpertStore:
-    """Every routed expert as one host-memory jax array: `get((layer, e))` -> packed [3*d*f] (`pack_expert`);
-    `expert_shapes`: {w_*: (shape, dtype)} of the unpacked weights."""
+    """Every routed expert as one host-memory jax array: `get((layer, e))` -> packed (`pack_expert`: [3*d*f] of
+    `dtype`, or int8 codes and scales as bytes with quantize="int8"); `expert_shapes`: {w_*: (shape, dtype)} of
+    the unpacked weights."""
 
-    def __init__(self, model_dir: Path, cfg: ModelConfig, abstract_experts: dict[int, dict], dtype, device):
+    def __init__(self, model_dir: Path, cfg: ModelConfig, abstract_experts: dict[int, dict], dtype, device,
+                 quantize: str | None = None):
         self.memory_kind = host_memory_kind(device)
+        self.quantize = quantize
         host = jax.sharding.SingleDeviceSharding(device, memory_kind=self.memory_kind)
         self.experts: dict[tuple[int, int], dict] = {}
         for layer, abstract in abstract_experts.items():
@@ -257,7 +287,8 @@ class ExpertStore:
             arrays = {name: np.asarray(stack[name]) for name in EXPERT_NAMES}
             del stack
             for e in range(cfg.num_experts):
-                self.experts[(layer, e)] = jax.device_put(pack_expert({n: arrays[n][e] for n in EXPERT_NAMES}, dtype), host)
+                packed = pack_expert({n: arrays[n][e] for n in EXPERT_NAMES}, dtype, quantize)
+                self.experts[(layer, e)] = jax.device_put(packed, host)
         self.expert_shapes = {n: (arrays[n].shape[1:], jnp.dtype(dtype)) for n in EXPERT_NAMES}
         self.expert_bytes = next(iter(self.experts.values())).nbytes
 
@@ -328,7 +359,7 @@ class OffloadEngine:
         g = globals_parts
         self.weight_bytes = tree_bytes([p[2] for p in layer_parts]) + tree_bytes((g["embedding"], g["head"], g["norm"][1]))
         self.device_sharding = jax.sharding.SingleDeviceSharding(self.device)
-        self.slots = {n: jnp.zeros((num_slots, *shape), dtype) for n, (shape, dtype) in store.expert_shapes.items()}
+        self.slots = empty_slots(store.expert_shapes, num_slots, store.quantize)
         self._slots_lock = threading.Lock()  # guards replacing self.slots (donated) vs dispatching readers
         self.num_slots, self.link = num_slots, link
         self.moe_layer_ids = cfg.moe_layer_ids
@@ -376,7 +407,7 @@ class OffloadEngine:
     @classmethod
     def load(cls, model_dir, dtype=None, tokenizer=None, cache_slots=None, expert_cache_gb=None,
              policy="on-demand", predictor=None, emulate_link=None, max_len: int = 4096, fuse_predictor=None,
-             speculate: str = "auto"):
+             speculate: str = "auto", quantize_experts: str | None = None):
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise JaxmoeError(f"{model_dir}: no such directory")
@@ -390,6 +421,10 @@ class OffloadEngine:
         link = EmulatedLink.parse(emulate_link) if emulate_link is not None else None
         if speculate not in SPECULATE_MODES:
             raise JaxmoeError(f"--speculate {speculate!r}: expected one of {', '.join(SPECULATE_MODES)}")
+        try:
+            check_quantize(quantize_experts)
+        except ValueError as e:
+            raise JaxmoeError(str(e)) from None
         cfg = load_config(model_dir)
         if not cfg.moe_layer_ids:
             raise JaxmoeError(f"{model_dir}: the model has no MoE layers to offload")
@@ -417,7 +452,7 @@ class OffloadEngine:
         g_norm, norm_state = nnx.split(model.final_norm)
         globals_parts = {"embedding": model.embed.embedding[...], "head": model.head_matrix(),
                          "norm": flat_state(g_norm, norm_state)}
-        store = ExpertStore(model_dir, cfg, abstract_experts, dtype, device)
+        store = ExpertStore(model_dir, cfg, abstract_experts, dtype, device, quantize_experts)
         resident = tree_bytes(restored) + kv_cache_bytes(model, max_len)
         num_slots = choose_num_slots(cfg, store.expert_bytes, resident, device, cache_slots, expert_cache_gb)
         engine = cls(cfg, store, layer_parts, globals_parts, num_slots, policy, None, link, tokenizer, device)
@@ -841,6 +876,7 @@ class OffloadEngine:
             "predictor_fused": self._scorer is not None,
             "cache_slots": self.num_slots,
             "expert_bytes": self.store.expert_bytes,
+            "quantize_experts": self.store.quantize,
             "hit_rate": decode["hits"] / requests if requests else 1.0,
             "h2d_bytes": decode["h2d_bytes"],
             "stall_s": decode["stall_s"],
