@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from jaxmoe.errors import JaxmoeError, run_cli
+from jaxmoe.expert_quant import QUANTIZE_MODES
 from scheduler.speculation import MODES as SPECULATION_MODES
 
 
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--cache-slots", type=int, default=None, help="device expert slots (offloaded run)")
     budget.add_argument("--expert-cache-gb", type=float, default=None, help="device GB for the expert cache (offloaded run)")
     p.add_argument("--policy", default="on-demand",
-                   help="expert cache policy: on-demand (LRU), lfu, or resident (every weight on the device)")
+                   help="expert cache policy: on-demand (LRU), lfu, prefetch, presched, adaptive, oracle, or resident "
+                        "(every weight on the device)")
     p.add_argument("--predictor", default=None, help="predictor driving prefetch policies")
     p.add_argument("--fuse-predictor", choices=("auto", "on", "off"), default="auto",
                    help="run the predictor inside each MoE layer's jitted program (auto: on accelerators, not on CPU)")
@@ -40,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(auto, the default: where measured faster)")
     p.add_argument("--emulate-link", default=None, metavar="GBPS[,LATENCY_US]", help="emulate a host-to-device link")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="compute/param dtype override")
+    p.add_argument("--quantize-experts", choices=QUANTIZE_MODES, default=None,
+                   help="routed experts as int8 codes with per-channel scales: half the bytes to move and to cache "
+                        "(outputs differ from the unquantized model by the quantization error)")
     p.add_argument("--output-json", type=Path, default=None, help="write prompt ids, generated ids, text and stats here")
     return p
 
@@ -50,6 +55,7 @@ def summary_line(stats: dict) -> str:
         f"TTFT {stats['ttft_s'] * 1000:.0f} ms | hit rate {stats['hit_rate']:.3f} | "
         f"H2D {stats['h2d_bytes'] / 1e9:.3f} GB | stall {stats['stall_s']:.3f} s | "
         f"peak device {stats['peak_device_bytes'] / 2**20:.1f} MiB | policy {stats['policy']}"
+        + (f" | experts {stats['quantize_experts']}" if stats.get("quantize_experts") else "")
         + (f" | whole-token steps {stats['speculated_tokens']} ({stats['speculation_redone']} finished by layer)"
            if stats.get("speculated_tokens") else "")
         + (f" | compile {stats['compile_s']:.1f} s" if stats.get("compile_s", 0) >= 0.05 else "")
@@ -95,7 +101,7 @@ def run(args) -> int:
         if len(offload) > 1:
             raise JaxmoeError("--policy resident takes no cache, predictor or link options")
         offload = {}
-    engine = jaxmoe.load(model_dir, dtype=args.dtype, **offload)
+    engine = jaxmoe.load(model_dir, dtype=args.dtype, quantize_experts=args.quantize_experts, **offload)
     if engine.tokenizer is None:
         raise JaxmoeError(f"{model_dir}: the model has no tokenizer files; use the Python API with token ids")
     tok = engine.tokenizer

@@ -107,6 +107,21 @@ def test_resident_policy_gives_the_same_tokens(offloaded, model_dir, workdir):
     assert "policy resident" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_int8_experts_offloaded_and_resident_agree(model_dir, workdir):
+    runs = {}
+    for name, extra in (("int8-offloaded", ("--cache-slots", 3)), ("int8-resident", ("--policy", "resident"))):
+        out = workdir / f"{name}.json"
+        proc = cli(workdir, "--model", model_dir, "--prompt", PROMPT, "--max-new-tokens", 8, "--output-json", out,
+                   "--quantize-experts", "int8", *extra)
+        assert proc.returncode == 0, proc.stderr
+        assert "experts int8" in proc.stderr.strip().splitlines()[-1]
+        runs[name] = json.loads(out.read_text())
+    assert runs["int8-offloaded"]["generated_ids"] == runs["int8-resident"]["generated_ids"]
+    assert runs["int8-offloaded"]["stats"]["quantize_experts"] == "int8"
+    proc = cli(workdir, "--model", model_dir, "--prompt", PROMPT, "--quantize-experts", "int4")
+    assert proc.returncode == 2 and "--quantize-experts" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_refuses_missing_model_dir(workdir):
     missing = workdir / "no-such-model"
     assert_refused(cli(workdir, "--model", missing, "--prompt", "x"), str(missing), "no such directory")
