@@ -2,6 +2,7 @@
 
     python -m bench policies [--model DIR] [--cache 0.1,0.25,0.5] [--policies ...] [--predictor SPEC]
                              [--fuse-predictor auto|on|off] [--speculate auto|on|off[,...]]
+                             [--quantize-experts none|int8[,...]]
                              [--link auto|GBPS[,US]] [--prompts N]
                              [--max-new-tokens N] [--repeats N] [--out DIR]
 
@@ -10,7 +11,9 @@ predictor (gate-lookahead, previous-token, frequency or a trained LLaPor directo
 e.g. `prefetch@previous-token,prefetch@frequency,prefetch@gate-lookahead` side by side; a bare
 prefetching policy uses `--predictor` (default gate-lookahead). `--speculate off,auto` measures every
 policy both with decode steps layer by layer only and with the engine's default choice (see
-scheduler.speculation), side by side.
+scheduler.speculation), side by side. `--quantize-experts none,int8` likewise measures every policy with
+the model's own expert weights and with int8 experts (jaxmoe.expert_quant) over the same link: a cache
+size is a number of slots, so an int8 row uses about half the device bytes of its unquantized row.
 
 Each (policy, cache size) gets its own engine and a warm-up (compilation, cache fill); then, per cache
 size, `repeats` rounds each run one measured pass over the same prompts on every engine in turn, so the
@@ -191,6 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--speculate", default="auto",
                    help="decode steps as one program when their experts are cached: auto, on, off, or several "
                         "(comma-separated) to measure each policy under each")
+    p.add_argument("--quantize-experts", default="none",
+                   help="routed experts: none (the model's dtype), int8, or both comma-separated, side by side")
     p.add_argument("--link", default="auto", help="'auto', 'none' or GBPS[,LATENCY_US]")
     p.add_argument("--prompts", type=int, default=6, help="measured prompts (the replay's six by default)")
     p.add_argument("--prompt-tokens", type=int, default=48)
@@ -245,12 +250,23 @@ def parse_speculate(value: str) -> list[str]:
     return list(dict.fromkeys(modes))
 
 
+def parse_quantize(value: str) -> list[str | None]:
+    """--quantize-experts: none, int8 or several, comma-separated -> the modes (None: unquantized)."""
+    from jaxmoe.expert_quant import QUANTIZE_MODES
+
+    modes = [m for m in value.split(",") if m]
+    bad = [m for m in modes if m != "none" and m not in QUANTIZE_MODES]
+    if bad or not modes:
+        raise JaxmoeError(f"--quantize-experts {value!r}: expected one or more of none, {', '.join(QUANTIZE_MODES)}")
+    return [None if m == "none" else m for m in dict.fromkeys(modes)]
+
+
 def add_ratios(rows: list[dict], metric: str) -> None:
     """Sets vs_on_demand and vs_oracle on each row: its `metric` over that of the same cache size's (and
-    speculation mode's) on-demand / oracle row (None where that policy was not run)."""
-    groups = dict.fromkeys((r["cache_fraction"], r.get("speculate")) for r in rows)
-    for fraction, mode in groups:
-        same = [r for r in rows if r["cache_fraction"] == fraction and r.get("speculate") == mode]
+    speculation mode's and expert quantization's) on-demand / oracle row (None where that policy was not run)."""
+    group_of = lambda r: (r["cache_fraction"], r.get("speculate"), r.get("quantize_experts"))  # noqa: E731
+    for group in dict.fromkeys(map(group_of, rows)):
+        same = [r for r in rows if group_of(r) == group]
         base = next((r for r in same if r["policy"] == "on-demand"), None)
         oracle = next((r for r in same if r["policy"] == "oracle"), None)
         for r in same:
@@ -262,6 +278,7 @@ def run(args) -> int:
     entries = resolve_model_and_policies(args, with_predictors=True)
     fractions = [float(x) for x in args.cache.split(",")]
     modes = parse_speculate(args.speculate)
+    quantize_modes = parse_quantize(args.quantize_experts)
     resident = jaxmoe.load(args.model)
     assert isinstance(resident, ResidentEngine)
     cfg = resident.cfg
@@ -280,13 +297,13 @@ def run(args) -> int:
         link = f"{expert_bytes / compute_s / 1e9:.6f},0"
     elif args.link != "none":
         link = args.link
-    combos = [(pol, pred, mode) for mode in modes for pol, pred in entries]
+    combos = [(pol, pred, mode, quant) for quant in quantize_modes for mode in modes for pol, pred in entries]
     progress = tqdm(total=len(fractions) * len(combos), desc="policy x cache", unit="run")
     for fraction in fractions:  # each cache size's configurations measured side by side, passes interleaved
         slots = max(cfg.num_experts_per_tok, int(round(fraction * total_experts)))
         engines = []
-        for policy, predictor, mode in combos:
-            options = {"cache_slots": slots, "policy": policy, "speculate": mode}
+        for policy, predictor, mode, quant in combos:
+            options = {"cache_slots": slots, "policy": policy, "speculate": mode, "quantize_experts": quant}
             if link:
                 options["emulate_link"] = link
             if predictor:
@@ -295,10 +312,12 @@ def run(args) -> int:
                 options["fuse_predictor"] = args.fuse_predictor == "on"
             engines.append(jaxmoe.load(args.model, **options))
         measured = run_engines_interleaved(engines, prompts, args.max_new_tokens, args.repeats)
-        for engine, r, (policy, predictor, mode) in zip(engines, measured, combos):
+        for engine, r, (policy, predictor, mode, quant) in zip(engines, measured, combos):
             r.update(cache_fraction=fraction, cache_slots=slots, policy=policy,
                      predictor=getattr(engine.predictor, "name", None), predictor_spec=predictor,
-                     predictor_fused=engine.stats()["predictor_fused"], speculate=mode, speculate_modes=len(modes))
+                     predictor_fused=engine.stats()["predictor_fused"], speculate=mode, speculate_modes=len(modes),
+                     quantize_experts=quant, quantize_modes=len(quantize_modes),
+                     expert_bytes=engine.store.expert_bytes, slot_bytes=slots * engine.store.expert_bytes)
             rows.append(r)
         progress.update(len(combos))
         del engines
@@ -323,9 +342,11 @@ def run(args) -> int:
 
 
 def policy_label(row: dict) -> str:
-    """`policy`, or `policy@predictor` where a --policies entry named the predictor; with the speculation
-    mode where a run measured several."""
+    """`policy`, or `policy@predictor` where a --policies entry named the predictor; with the expert
+    quantization and the speculation mode where a run measured several."""
     label = f"{row['policy']}@{row['predictor']}" if row.get("predictor_spec") and row.get("predictor") else row["policy"]
+    if row.get("quantize_modes", 1) > 1:
+        label += f", {row['quantize_experts'] or 'unquantized'} experts"
     return f"{label} (speculate {row['speculate']})" if row.get("speculate_modes", 1) > 1 else label
 
 

@@ -42,6 +42,23 @@ def test_policy_benchmark_speculation_modes_side_by_side(converted_model, tmp_pa
     assert "--speculate 'sometimes'" in capsys.readouterr().err
 
 
+def test_policy_benchmark_quantized_experts_side_by_side(converted_model, tmp_path, capsys):
+    _, model_dir = converted_model("mixtral")
+    rc = main(["--model", str(model_dir), "--cache", "0.5", "--policies", "on-demand", "--quantize-experts", "none,int8",
+               "--repeats", "1", "--prompts", "1", "--max-new-tokens", "8", "--out", str(tmp_path)])
+    assert rc == 0
+    runs = json.loads((tmp_path / "policies.json").read_text())["runs"]
+    assert [r["quantize_experts"] for r in runs] == [None, "int8"]
+    native, int8 = runs
+    assert int8["expert_bytes"] < native["expert_bytes"] / 2 and int8["cache_slots"] == native["cache_slots"]
+    assert int8["h2d_gb_per_token"] < native["h2d_gb_per_token"]  # same routing, smaller copies
+    assert [r["vs_on_demand"] for r in runs] == [1.0, 1.0]  # each against its own quantization's on-demand
+    table = (tmp_path / "policies.md").read_text()
+    assert "| on-demand, unquantized experts |" in table and "| on-demand, int8 experts |" in table
+    assert main(["--model", str(model_dir), "--quantize-experts", "int2", "--out", str(tmp_path)]) == 2
+    assert "--quantize-experts 'int2'" in capsys.readouterr().err
+
+
 def test_predictor_cost_smoke(converted_model, tmp_path):
     from bench.__main__ import main as bench_main
 
