@@ -58,6 +58,7 @@ import numpy as np
 
 from bench.shapes import SHAPE_NAMES, describe, hf_config_dict, model_config
 from jaxmoe.errors import JaxmoeError, run_cli
+from jaxmoe.expert_quant import QUANTIZE_MODES
 from scheduler.speculation import MODES as SPECULATION_MODES, Speculation
 
 DEFAULT_POLICIES = ("on-demand", "lfu", "prefetch", "presched", "adaptive", "oracle")
@@ -468,10 +469,11 @@ def run_shape(name: str, args, source, trace_path, peer: dict, budget: Budget, o
     write = lambda: write_outputs(report, out_dir, plots=False)  # noqa: E731
 
     t0 = time.perf_counter()
-    model = SyntheticModel.build(cfg, seed=args.seed, device=device, progress=True)
+    model = SyntheticModel.build(cfg, seed=args.seed, device=device, progress=True, quantize=args.quantize_experts)
     report["build_s"] = time.perf_counter() - t0
     store = model.store
     expert_bytes, total_experts = store.expert_bytes, cfg.num_experts * len(cfg.moe_layer_ids)
+    report["moved_expert_bytes"] = expert_bytes  # what one copy moves and one slot holds (int8: codes + scales)
     print(f"[{name}] synthetic model: {info['total_params'] / 1e9:.2f}B params, {total_experts} experts x "
           f"{_bytes(expert_bytes)} in {store.memory_kind} ({report['build_s']:.0f} s)", file=sys.stderr, flush=True)
     report["bandwidth"] = bw = measure_bandwidth(store, device, args.bandwidth_repeats)
@@ -579,7 +581,7 @@ def _available_host() -> int | None:
 
 def write_outputs(report: dict, out_dir: Path, plots: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"sizes-{report['shape']}"
+    stem = out_dir / report_stem(report)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
     if plots:
@@ -589,6 +591,12 @@ def write_outputs(report: dict, out_dir: Path, plots: bool) -> None:
             report["notes"].append("matplotlib not installed: no plots")
         stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
         stem.with_suffix(".md").write_text(markdown(report))
+
+
+def report_stem(report: dict) -> str:
+    """sizes-SHAPE, with -int8 for a run with quantized experts (so it sits beside the unquantized one)."""
+    quantize = report.get("settings", {}).get("quantize_experts")
+    return f"sizes-{report['shape']}" + (f"-{quantize}" if quantize else "")
 
 
 def _json_default(x):
@@ -625,6 +633,11 @@ def markdown(report: dict) -> str:
               f"one expert {_bytes(m['expert_bytes'])}, routed experts {_bytes(m['routed_expert_bytes'])}, "
               f"non-expert weights {_bytes(m['non_expert_bytes'])}, {_count(m['total_params'])} parameters (bfloat16)"
               + (f" — REDUCED: layers={reduced['layers']}, scale={reduced['scale']}" if reduced else ""), ""]
+    quantize = report.get("settings", {}).get("quantize_experts")
+    if quantize:
+        lines += [f"**Experts {quantize}** (jaxmoe.expert_quant): one expert moves and occupies "
+                  f"{_bytes(report.get('moved_expert_bytes', 0))} (codes + float32 scales); cache fractions count slots, "
+                  "so a row uses that much less device memory than the unquantized run's row of the same fraction", ""]
     routing = report.get("routing")
     if routing:
         lines += [f"Routing: {routing.get('notice') or 'replayed from ' + routing['source']}"]
@@ -703,7 +716,7 @@ def make_plots(report: dict, out_dir: Path) -> list[str]:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    name = f"sizes-{shape}-tokps.png"
+    name = f"{report_stem(report)}-tokps.png"
     fig.savefig(out_dir / name, dpi=110)
     plt.close(fig)
     names.append(name)
@@ -728,7 +741,7 @@ def make_plots(report: dict, out_dir: Path) -> list[str]:
     ax.set_title(f"{shape} — stall breakdown — SYNTHETIC WEIGHTS", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    name = f"sizes-{shape}-stall.png"
+    name = f"{report_stem(report)}-stall.png"
     fig.savefig(out_dir / name, dpi=110)
     plt.close(fig)
     names.append(name)
@@ -766,6 +779,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-timeout", type=float, default=420)
     p.add_argument("--speculate", choices=SPECULATION_MODES, default="auto",
                    help="decode steps as one program when their experts are cached (scheduler.speculation)")
+    p.add_argument("--quantize-experts", choices=QUANTIZE_MODES, default=None,
+                   help="int8: routed experts moved and cached as int8 codes + scales (writes sizes-SHAPE-int8.*; "
+                        "the resident baseline stays unquantized: dequantized weights compute alike)")
     p.add_argument("--skip-resident", action="store_true")
     p.add_argument("--time-budget", type=float, default=None, help="seconds: start no new run after this (per shape)")
     p.add_argument("--out", type=Path, default=None)

@@ -97,17 +97,19 @@ def random_tree(abstract_tree, seed: int, device, on_device: bool = False):
 class SyntheticExpertStore:
     """`ExpertStore`'s interface over random experts: `get((layer, e))` -> the packed expert [3*d*f]
     (`jaxmoe.offload.pack_expert`) as a host-memory jax array. One random expert, copied into each
-    expert's own host array."""
+    expert's own host array. quantize "int8": packed as int8 codes and scales (jaxmoe.expert_quant)."""
 
-    def __init__(self, cfg: ModelConfig, dtype, device, seed: int = 0, progress: bool = False):
+    def __init__(self, cfg: ModelConfig, dtype, device, seed: int = 0, progress: bool = False,
+                 quantize: str | None = None):
         self.memory_kind = host_memory_kind(device)
+        self.quantize = quantize
         host = jax.sharding.SingleDeviceSharding(device, memory_kind=self.memory_kind)
         d, f = cfg.hidden_size, cfg.moe_intermediate_size
         shapes = {"w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
         rng = np.random.default_rng(seed)
         np_dtype = jnp.dtype(dtype)
         buffers = {n: (INIT_STD * rng.standard_normal(shapes[n], np.float32)).astype(np_dtype) for n in EXPERT_NAMES}
-        packed = pack_expert(buffers, np_dtype)
+        packed = pack_expert(buffers, np_dtype, quantize)
         self.experts: dict[tuple[int, int], jax.Array] = {}
         keys = [(layer, e) for layer in cfg.moe_layer_ids for e in range(cfg.num_experts)]
         for i, key in enumerate(keys):
@@ -136,7 +138,8 @@ class SyntheticModel:
     store: SyntheticExpertStore | None
 
     @classmethod
-    def build(cls, cfg: ModelConfig, seed: int = 0, device=None, with_store: bool = True, progress: bool = False):
+    def build(cls, cfg: ModelConfig, seed: int = 0, device=None, with_store: bool = True, progress: bool = False,
+              quantize: str | None = None):
         device = device or jax.devices()[0]
         dtype = jnp.dtype(cfg.dtype)
         graphdef, abstract_state = abstract_model(cfg, dtype)
@@ -160,7 +163,7 @@ class SyntheticModel:
         g_norm, norm_state = nnx.split(model.final_norm)
         globals_parts = {"embedding": model.embed.embedding[...], "head": model.head_matrix(),
                          "norm": flat_state(g_norm, norm_state)}
-        store = SyntheticExpertStore(cfg, dtype, device, seed, progress) if with_store else None
+        store = SyntheticExpertStore(cfg, dtype, device, seed, progress, quantize) if with_store else None
         return cls(cfg, dtype, device, seed, non_expert, layer_parts, globals_parts, store)
 
     @property

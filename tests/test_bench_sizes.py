@@ -124,3 +124,20 @@ def test_cpu_smoke_run_writes_json_and_markdown(tmp_path):
     assert report["software"]["jax"] and report["device"]["platform"] == "cpu"
     for png in report.get("plots", []):
         assert (out / png).stat().st_size > 0
+
+
+def test_int8_run_moves_int8_experts_and_sits_beside_the_unquantized_one(tmp_path):
+    routing = save_routing(random_source(tokens=300), tmp_path / "routing.npz")
+    out = tmp_path / "out"
+    argv = ["--shape", "olmoe-1b-7b", "--layers", "2", "--scale", "0.02", "--policies", "on-demand", "--cache", "0.125",
+            "--tokens", "4", "--prompt-tokens", "10", "--repeats", "1", "--bandwidth-repeats", "2", "--trace", str(routing),
+            "--peer", "none", "--skip-resident", "--out", str(out), "--quantize-experts", "int8"]
+    assert bench_main(["sizes", *argv]) == 0
+    assert not (out / "sizes-olmoe-1b-7b.json").exists()
+    report = json.loads((out / "sizes-olmoe-1b-7b-int8.json").read_text())
+    d, f = report["hf_config"]["hidden_size"], report["hf_config"]["intermediate_size"]
+    assert report["moved_expert_bytes"] == 3 * d * f + 4 * (2 * f + d) < report["model"]["expert_bytes"]
+    assert report["bandwidth"]["expert_bytes"] == report["moved_expert_bytes"]
+    (run,) = report["runs"]
+    assert run["h2d_gb_per_token"] > 0 and run["policy"] == "on-demand"
+    assert "**Experts int8**" in (out / "sizes-olmoe-1b-7b-int8.md").read_text()
