@@ -2,7 +2,7 @@
 
     python -m bench policies [--model DIR] [--cache 0.1,0.25,0.5] [--policies ...] [--predictor SPEC]
                              [--fuse-predictor auto|on|off] [--speculate auto|on|off[,...]]
-                             [--quantize-experts none|int8[,...]]
+                             [--quantize-experts none|int8|int4[,...]]
                              [--link auto|GBPS[,US]] [--prompts N]
                              [--max-new-tokens N] [--repeats N] [--out DIR]
 
@@ -11,9 +11,9 @@ predictor (gate-lookahead, previous-token, frequency or a trained LLaPor directo
 e.g. `prefetch@previous-token,prefetch@frequency,prefetch@gate-lookahead` side by side; a bare
 prefetching policy uses `--predictor` (default gate-lookahead). `--speculate off,auto` measures every
 policy both with decode steps layer by layer only and with the engine's default choice (see
-scheduler.speculation), side by side. `--quantize-experts none,int8` likewise measures every policy with
-the model's own expert weights and with int8 experts (jaxmoe.expert_quant) over the same link: a cache
-size is a number of slots, so an int8 row uses about half the device bytes of its unquantized row.
+scheduler.speculation), side by side. `--quantize-experts none,int8,int4` likewise measures every policy
+with the model's own expert weights and with quantized experts (jaxmoe.expert_quant) over the same link: a
+cache size is a number of slots, so a quantized row uses fewer device bytes than its unquantized row.
 
 Each (policy, cache size) gets its own engine and a warm-up (compilation, cache fill); then, per cache
 size, `repeats` rounds each run one measured pass over the same prompts on every engine in turn, so the
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
                    help="decode steps as one program when their experts are cached: auto, on, off, or several "
                         "(comma-separated) to measure each policy under each")
     p.add_argument("--quantize-experts", default="none",
-                   help="routed experts: none (the model's dtype), int8, or both comma-separated, side by side")
+                   help="routed experts: none (the model's dtype), int8, int4, or several comma-separated, side by side")
     p.add_argument("--link", default="auto", help="'auto', 'none' or GBPS[,LATENCY_US]")
     p.add_argument("--prompts", type=int, default=6, help="measured prompts (the replay's six by default)")
     p.add_argument("--prompt-tokens", type=int, default=48)
@@ -251,7 +251,7 @@ def parse_speculate(value: str) -> list[str]:
 
 
 def parse_quantize(value: str) -> list[str | None]:
-    """--quantize-experts: none, int8 or several, comma-separated -> the modes (None: unquantized)."""
+    """--quantize-experts: none, int8, int4 or several, comma-separated -> the modes (None: unquantized)."""
     from jaxmoe.expert_quant import QUANTIZE_MODES
 
     modes = [m for m in value.split(",") if m]

@@ -473,7 +473,7 @@ def run_shape(name: str, args, source, trace_path, peer: dict, budget: Budget, o
     report["build_s"] = time.perf_counter() - t0
     store = model.store
     expert_bytes, total_experts = store.expert_bytes, cfg.num_experts * len(cfg.moe_layer_ids)
-    report["moved_expert_bytes"] = expert_bytes  # what one copy moves and one slot holds (int8: codes + scales)
+    report["moved_expert_bytes"] = expert_bytes  # what one copy moves and one slot holds (quantized: codes + scales)
     print(f"[{name}] synthetic model: {info['total_params'] / 1e9:.2f}B params, {total_experts} experts x "
           f"{_bytes(expert_bytes)} in {store.memory_kind} ({report['build_s']:.0f} s)", file=sys.stderr, flush=True)
     report["bandwidth"] = bw = measure_bandwidth(store, device, args.bandwidth_repeats)
@@ -594,7 +594,7 @@ def write_outputs(report: dict, out_dir: Path, plots: bool) -> None:
 
 
 def report_stem(report: dict) -> str:
-    """sizes-SHAPE, with -int8 for a run with quantized experts (so it sits beside the unquantized one)."""
+    """sizes-SHAPE, with -int8 / -int4 for a run with quantized experts (so it sits beside the unquantized one)."""
     quantize = report.get("settings", {}).get("quantize_experts")
     return f"sizes-{report['shape']}" + (f"-{quantize}" if quantize else "")
 
@@ -780,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculate", choices=SPECULATION_MODES, default="auto",
                    help="decode steps as one program when their experts are cached (scheduler.speculation)")
     p.add_argument("--quantize-experts", choices=QUANTIZE_MODES, default=None,
-                   help="int8: routed experts moved and cached as int8 codes + scales (writes sizes-SHAPE-int8.*; "
+                   help="int8 / int4: routed experts moved and cached as codes + scales (writes sizes-SHAPE-int8.*; "
                         "the resident baseline stays unquantized: dequantized weights compute alike)")
     p.add_argument("--skip-resident", action="store_true")
     p.add_argument("--time-budget", type=float, default=None, help="seconds: start no new run after this (per shape)")

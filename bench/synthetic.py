@@ -97,7 +97,7 @@ def random_tree(abstract_tree, seed: int, device, on_device: bool = False):
 class SyntheticExpertStore:
     """`ExpertStore`'s interface over random experts: `get((layer, e))` -> the packed expert [3*d*f]
     (`jaxmoe.offload.pack_expert`) as a host-memory jax array. One random expert, copied into each
-    expert's own host array. quantize "int8": packed as int8 codes and scales (jaxmoe.expert_quant)."""
+    expert's own host array. quantize "int8" / "int4": packed as codes and scales (jaxmoe.expert_quant)."""
 
     def __init__(self, cfg: ModelConfig, dtype, device, seed: int = 0, progress: bool = False,
                  quantize: str | None = None):

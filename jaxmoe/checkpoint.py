@@ -23,7 +23,7 @@ from flax import nnx
 
 from jaxmoe.config import ModelConfig, load_config
 from jaxmoe.errors import JaxmoeError
-from jaxmoe.expert_quant import dequantize_int8, quantize_int8
+from jaxmoe.expert_quant import dequantize, quantize
 
 WEIGHTS_DIR = "weights"
 GLOBAL_KEYS = ("embed", "final_norm", "lm_head")
@@ -101,8 +101,8 @@ def restore_layer_experts(model_dir: Path, layer_id: int, abstract_experts: dict
 
 
 def load_resident(model_dir: Path, dtype=None, quantize_experts: str | None = None):
-    """Restores the whole model onto the default device -> (cfg, graphdef, state). quantize_experts "int8": the
-    routed experts are the int8-dequantized weights an offloaded engine with the same option computes with."""
+    """Restores the whole model onto the default device -> (cfg, graphdef, state). quantize_experts "int8" /
+    "int4": the routed experts are the dequantized weights an offloaded engine with the same option computes with."""
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
     graphdef, abstract_state = abstract_model(cfg, dtype)
@@ -117,7 +117,8 @@ def load_resident(model_dir: Path, dtype=None, quantize_experts: str | None = No
         if experts is not None:
             layer["moe"]["experts"] = restore_layer_experts(model_dir, i, experts, device)
             if quantize_experts is not None:
-                layer["moe"]["experts"] = {name: jax.device_put(dequantize_int8(*quantize_int8(np.asarray(w)), w.dtype), device)
+                layer["moe"]["experts"] = {name: jax.device_put(dequantize(*quantize(np.asarray(w), quantize_experts), w.dtype,
+                                                                      quantize_experts), device)
                                            for name, w in layer["moe"]["experts"].items()}
         layers[i] = layer
     restored["layers"] = layers

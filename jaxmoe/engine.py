@@ -221,7 +221,7 @@ class ResidentEngine:
     """All weights on the device: the reference every offloaded configuration must reproduce."""
 
     policy = "resident"
-    quantize_experts = None  # "int8": its routed experts are int8-dequantized (`jaxmoe.load`)
+    quantize_experts = None  # "int8" / "int4": its routed experts are dequantized quantized weights (`jaxmoe.load`)
 
     def __init__(self, cfg: ModelConfig, graphdef, state, tokenizer=None):
         self.cfg, self.state, self.tokenizer = cfg, state, tokenizer

@@ -1,18 +1,22 @@
-"""Weight-only int8 quantization of routed experts: half the bytes over the host-to-device link.
+"""Weight-only int8 / int4 quantization of routed experts: fewer bytes over the host-to-device link.
 
 Offloaded decoding is bound by the link wherever the cache is small (bench/results/h100: 0.5 ms to move
-one 9.4 MB Qwen3-30B-A3B expert, against ~25 us to compute with it). Quantized, an expert moves as int8
-codes plus one float32 scale per output channel, and is dequantized where the kernel reads it.
+one 9.4 MB Qwen3-30B-A3B expert, against ~25 us to compute with it). Quantized, an expert moves as codes
+plus float32 scales, and is dequantized where the kernel reads it.
 
-Scheme (symmetric, per output channel): for a weight w [a, b] (input dim a, output dim b),
-scale[j] = max_i |w[i, j]| / 127 and codes = round(w / scale) in [-127, 127]; the weight used is
-dequantize(codes, scale) = (float32(codes) * scale[None, :]) rounded to the compute dtype. The resident
-engine uses exactly these dequantized weights, so offloaded and resident runs of a quantized model agree
-as they do unquantized; against the unquantized model the outputs differ by the quantization error
-(tests/test_expert_quant.py bounds it).
+Schemes (symmetric, round to nearest), for a weight w [a, b] (input dim a, output dim b):
+  int8  one scale per output column: scale[j] = max_i |w[i, j]| / 127, codes round(w / scale) in
+        [-127, 127]; 0.50x the bytes of bfloat16 (plus 4 bytes per column).
+  int4  one scale per output column and group of 64 input rows (`int4_group`), codes in [-7, 7], two per
+        byte; 0.28x the bytes of bfloat16. Coarser: the model changes more (the default model's
+        next-token KL against bfloat16 is ~9x int8's; see the README).
+The weight used is dequantize(codes, scale) = float32(code) * its scale, rounded to the compute dtype. The
+resident engine uses exactly these dequantized weights, so offloaded and resident runs of a quantized
+model agree as they do unquantized; against the unquantized model the outputs differ by the quantization
+error (tests/test_expert_quant.py bounds it).
 
-`Int8Stack` holds quantized weights stacked over slots on the device; the expert kernels index it as an
-array (`stack[ids]` -> dequantized weights). Imports nothing from the runtime or the scheduler.
+`QuantizedStack` holds quantized weights stacked over slots on the device; the expert kernels index it as
+an array (`stack[ids]` -> dequantized weights). Imports nothing from the runtime or the scheduler.
 """
 
 from __future__ import annotations
@@ -23,23 +27,66 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-QUANTIZE_MODES = ("int8",)
-CODE_MAX = 127
+QUANTIZE_MODES = ("int8", "int4")
+INT8_MAX = 127
+INT4_MAX = 7
+INT4_GROUP = 64  # input rows sharing one int4 scale (fewer where the input dim is not a multiple)
 
 
-def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """w: [..., a, b] (any float dtype) -> (codes int8[..., a, b], scale float32[..., b]), per output column.
-    An all-zero column gets scale 1 (its codes are 0)."""
+def int4_group(rows: int) -> int:
+    """The int4 scale group along an input dim of `rows` (even): INT4_GROUP, or the largest power of two
+    below it that divides `rows`."""
+    if rows % 2:
+        raise ValueError(f"int4 experts need an even input dimension, got {rows}")
+    group = INT4_GROUP
+    while rows % group:
+        group //= 2
+    return group
+
+
+def quantize(w: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """w: [..., a, b] (any float dtype) -> (codes, scale float32), symmetric round-to-nearest:
+    int8: codes int8[..., a, b], scale [..., b] (per output column);
+    int4: codes uint8[..., a/2, b] (rows 2i and 2i+1 as the low and high nibble of byte i, each code + 8),
+          scale [..., a/g, b] (per output column and group of g = `int4_group(a)` input rows).
+    An all-zero column (group) gets scale 1 (its codes are 0)."""
     w32 = np.asarray(w, np.float32)
-    absmax = np.max(np.abs(w32), axis=-2)  # [..., b]
-    scale = np.where(absmax > 0, absmax / CODE_MAX, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(w32 / scale[..., None, :]), -CODE_MAX, CODE_MAX).astype(np.int8)
-    return codes, scale
+    *lead, a, b = w32.shape
+    if mode == "int8":
+        groups, top = w32[..., None, :, :], INT8_MAX  # one group of all a rows
+    elif mode == "int4":
+        g = int4_group(a)
+        groups, top = w32.reshape(*lead, a // g, g, b), INT4_MAX
+    else:
+        raise ValueError(f"unknown quantization {mode!r}")
+    absmax = np.max(np.abs(groups), axis=-2)  # [..., groups, b]
+    scale = np.where(absmax > 0, absmax / top, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(groups / scale[..., None, :]), -top, top).astype(np.int8).reshape(*lead, a, b)
+    if mode == "int8":
+        return codes, scale[..., 0, :]
+    nibbles = (codes + 8).astype(np.uint8)
+    return nibbles[..., 0::2, :] | (nibbles[..., 1::2, :] << 4), scale
 
 
-def dequantize_int8(codes: np.ndarray, scale: np.ndarray, dtype) -> np.ndarray:
-    """The weight the kernels use: (float32(codes) * scale) rounded to `dtype` -> [..., a, b] numpy."""
-    return (codes.astype(np.float32) * scale[..., None, :]).astype(dtype)
+def dequantize(codes, scale, dtype, mode: str, xp=np):
+    """The weight the kernels use: float32(code) * its scale, rounded to `dtype` -> [..., a, b]. xp: numpy
+    (the resident engine's weights) or jax.numpy (the kernels): the same operations, the same result."""
+    if mode == "int4":
+        low = (codes & 15).astype(xp.int8) - 8
+        high = (codes >> 4).astype(xp.int8) - 8
+        values = xp.stack([low, high], axis=-2)  # [..., a/2, 2, b]
+        *lead, half, _, b = values.shape
+        groups = values.reshape(*lead, scale.shape[-2], 2 * half // scale.shape[-2], b)
+        return (groups.astype(xp.float32) * scale[..., :, None, :]).reshape(*lead, 2 * half, b).astype(dtype)
+    return (codes.astype(xp.float32) * scale[..., None, :]).astype(dtype)
+
+
+def quantized_shapes(shape: tuple[int, int], mode: str) -> tuple[tuple[tuple[int, ...], object], tuple[int, ...]]:
+    """One weight's (a, b) -> ((codes shape, codes dtype), scale shape) as `quantize` returns them."""
+    a, b = shape
+    if mode == "int8":
+        return ((a, b), np.int8), (b,)
+    return ((a // 2, b), np.uint8), (a // int4_group(a), b)
 
 
 def check_quantize(mode: str | None) -> None:
@@ -50,32 +97,34 @@ def check_quantize(mode: str | None) -> None:
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
-class Int8Stack:
-    """Quantized weights stacked over a leading slot axis: codes int8[S, a, b], scale float32[S, b].
-    dtype (static): the compute dtype the weights dequantize to. Indexing the leading axis, as the kernels
-    index a weight array, returns dequantized weights of that dtype: stack[ids] -> [*ids.shape, a, b]."""
+class QuantizedStack:
+    """Quantized weights stacked over a leading slot axis, as `quantize` lays them out per slot: codes
+    [S, ...] and scale float32[S, ...]. dtype (static): the compute dtype they dequantize to; mode (static):
+    int8 or int4. Indexing the leading axis, as the kernels index a weight array, returns dequantized
+    weights of that dtype: stack[ids] -> [*ids.shape, a, b]."""
 
     codes: jax.Array
     scale: jax.Array
     dtype: str = field(metadata=dict(static=True))
+    mode: str = field(metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.codes.shape
+        """[S, a, b]: the shape of the dequantized stack."""
+        s, a, b = self.codes.shape
+        return (s, 2 * a if self.mode == "int4" else a, b)
 
     def __getitem__(self, index):
-        scale = self.scale[index]
-        return (self.codes[index].astype(jnp.float32) * scale[..., None, :]).astype(self.dtype)
+        return dequantize(self.codes[index], self.scale[index], self.dtype, self.mode, jnp)
 
     def row(self, slot):
         """One slot (traced int32 scalar) -> dequantized [a, b]."""
-        codes = jax.lax.dynamic_index_in_dim(self.codes, slot, 0, keepdims=False)
-        scale = jax.lax.dynamic_index_in_dim(self.scale, slot, 0, keepdims=False)
-        return (codes.astype(jnp.float32) * scale[None, :]).astype(self.dtype)
+        take = lambda x: jax.lax.dynamic_index_in_dim(x, slot, 0, keepdims=False)  # noqa: E731
+        return dequantize(take(self.codes), take(self.scale), self.dtype, self.mode, jnp)
 
 
 def weight_row(w, slot):
-    """w: a stacked weight array [S, a, b] or an `Int8Stack`; slot: traced int32 scalar -> [a, b]."""
-    if isinstance(w, Int8Stack):
+    """w: a stacked weight array [S, a, b] or a `QuantizedStack`; slot: traced int32 scalar -> [a, b]."""
+    if isinstance(w, QuantizedStack):
         return w.row(slot)
     return jax.lax.dynamic_index_in_dim(w, slot, 0, keepdims=False)

@@ -1,7 +1,7 @@
 """The MoE block (router + routed experts + optional shared expert) and the routed-expert kernels.
 
 Routed-expert weights are stacked over a leading "slot" axis: `w_gate, w_up: [S, d, f]`,
-`w_down: [S, f, d]` (arrays, or `jaxmoe.expert_quant.Int8Stack`s the offloaded kernels index alike). In the resident model slot == expert id; the offloading runtime passes a
+`w_down: [S, f, d]` (arrays, or `jaxmoe.expert_quant.QuantizedStack`s the offloaded kernels index alike). In the resident model slot == expert id; the offloading runtime passes a
 fixed-size pool of device slots and slot ids instead. Interchangeable kernels:
   - `experts_gather`: gathers each token's k expert matrices (few tokens: decode).
   - `experts_grouped`: sorts token-expert pairs by slot and runs `jax.lax.ragged_dot` (resident prefill).

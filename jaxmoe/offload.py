@@ -28,7 +28,7 @@ from jaxmoe.checkpoint import abstract_model, restore_layer_experts, restore_pie
 from jaxmoe.config import ModelConfig, load_config
 from jaxmoe.engine import SamplingParams, compile_seconds, device_peak_bytes, flat_state, generate_loop, tree_bytes
 from jaxmoe.errors import JaxmoeError
-from jaxmoe.expert_quant import Int8Stack, check_quantize, quantize_int8
+from jaxmoe.expert_quant import QuantizedStack, check_quantize, quantize, quantized_shapes
 from jaxmoe.inplace import update_row
 from jaxmoe.model import ATTENTION_MODULES, lm_logits
 from jaxmoe.moe import GATHER_MAX_TOKENS, ExpertWeight, experts_bucketed, plan_buckets, routed_experts
@@ -207,46 +207,52 @@ def final_logits(graphdef, state, head, h):
     return lm_logits(graphdef.merge(state), head, h)
 
 
-def pack_expert(weights: dict, dtype, quantize: str | None = None) -> np.ndarray:
+def pack_expert(weights: dict, dtype, quantize_mode: str | None = None) -> np.ndarray:
     """{w_gate [d, f], w_up [d, f], w_down [f, d]} -> one flat array, so moving an expert is one host-to-device
-    copy instead of three (about half the per-copy cost). quantize None: [3*d*f] of `dtype` (EXPERT_NAMES
-    order); "int8": uint8 bytes, per weight its int8 codes [a*b] then its float32 scales [b] (`quantize_int8`)."""
-    if quantize is None:
+    copy instead of three (about half the per-copy cost). quantize_mode None: [3*d*f] of `dtype` (EXPERT_NAMES
+    order); "int8" / "int4": uint8 bytes, per weight its codes then its float32 scales (`expert_quant.quantize`)."""
+    if quantize_mode is None:
         return np.concatenate([np.asarray(weights[n]).astype(dtype).reshape(-1) for n in EXPERT_NAMES])
     parts = []
     for n in EXPERT_NAMES:
-        codes, scale = quantize_int8(weights[n])
+        codes, scale = quantize(weights[n], quantize_mode)
         parts += [codes.reshape(-1).view(np.uint8), scale.reshape(-1).view(np.uint8)]
     return np.concatenate(parts)
 
 
-def empty_slots(expert_shapes: dict, num_slots: int, quantize: str | None = None) -> dict:
+def empty_slots(expert_shapes: dict, num_slots: int, quantize_mode: str | None = None) -> dict:
     """Zeroed device slot buffers {w_*: [S, ...]} for `expert_shapes` {w_*: (shape, compute dtype)}; quantized,
-    {w_*: Int8Stack(codes int8[S, a, b], scale float32[S, b])}."""
-    if quantize is None:
+    {w_*: QuantizedStack(codes [S, ...], scale float32[S, ...])} (`expert_quant.quantized_shapes`)."""
+    if quantize_mode is None:
         return {n: jnp.zeros((num_slots, *shape), dtype) for n, (shape, dtype) in expert_shapes.items()}
-    return {n: Int8Stack(jnp.zeros((num_slots, *shape), jnp.int8), jnp.zeros((num_slots, shape[-1]), jnp.float32),
-                         jnp.dtype(dtype).name)
-            for n, (shape, dtype) in expert_shapes.items()}
+    out = {}
+    for n, (shape, dtype) in expert_shapes.items():
+        (codes_shape, codes_dtype), scale_shape = quantized_shapes(shape, quantize_mode)
+        out[n] = QuantizedStack(jnp.zeros((num_slots, *codes_shape), codes_dtype),
+                                jnp.zeros((num_slots, *scale_shape), jnp.float32), jnp.dtype(dtype).name, quantize_mode)
+    return out
 
 
 @partial(jax.jit, donate_argnames=("slots",))
 def write_slot(slots, slot, packed):
     """In-place write of one packed expert (`pack_expert`, already on the device) into row `slot` of the
-    slot buffers {w_*: [S, ...]} (or `Int8Stack`s, from packed bytes)."""
+    slot buffers {w_*: [S, ...]} (or `QuantizedStack`s, from packed bytes)."""
     out, start = {}, 0
     for name in EXPERT_NAMES:
         buffer = slots[name]
+        if isinstance(buffer, QuantizedStack):
+            codes_shape, scale_shape = buffer.codes.shape[1:], buffer.scale.shape[1:]
+            size = math.prod(codes_shape)
+            codes = jax.lax.bitcast_convert_type(packed[start : start + size], buffer.codes.dtype).reshape(codes_shape)
+            start += size
+            size = math.prod(scale_shape)
+            scale = jax.lax.bitcast_convert_type(packed[start : start + 4 * size].reshape(size, 4), jnp.float32)
+            start += 4 * size
+            out[name] = QuantizedStack(update_row(buffer.codes, codes, slot),
+                                       update_row(buffer.scale, scale.reshape(scale_shape), slot), buffer.dtype, buffer.mode)
+            continue
         shape = buffer.shape[1:]
         size = math.prod(shape)
-        if isinstance(buffer, Int8Stack):
-            codes = jax.lax.bitcast_convert_type(packed[start : start + size], jnp.int8).reshape(shape)
-            start += size
-            cols = shape[-1]
-            scale = jax.lax.bitcast_convert_type(packed[start : start + 4 * cols].reshape(cols, 4), jnp.float32)
-            start += 4 * cols
-            out[name] = Int8Stack(update_row(buffer.codes, codes, slot), update_row(buffer.scale, scale, slot), buffer.dtype)
-            continue
         out[name] = update_row(buffer, packed[start : start + size].reshape(shape), slot)
         start += size
     return out
@@ -273,7 +279,7 @@ def host_memory_kind(device) -> str:
 
 class ExpertStore:
     """Every routed expert as one host-memory jax array: `get((layer, e))` -> packed (`pack_expert`: [3*d*f] of
-    `dtype`, or int8 codes and scales as bytes with quantize="int8"); `expert_shapes`: {w_*: (shape, dtype)} of
+    `dtype`, or codes and scales as bytes with quantize "int8" / "int4"); `expert_shapes`: {w_*: (shape, dtype)} of
     the unpacked weights."""
 
     def __init__(self, model_dir: Path, cfg: ModelConfig, abstract_experts: dict[int, dict], dtype, device,

@@ -1,6 +1,6 @@
-"""Int8 routed experts: the quantizer's error bound, the packed copy's round trip into the slot buffers,
-offloaded == resident for a quantized model (every cache size, both decode paths), and a quantized model
-close to the unquantized one."""
+"""Quantized routed experts (int8, int4): the quantizers' error bounds, the packed copy's round trip into
+the slot buffers, offloaded == resident for a quantized model (several cache sizes, both decode paths), and
+a quantized model close to the unquantized one."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxmoe
-from jaxmoe.expert_quant import Int8Stack, dequantize_int8, quantize_int8, weight_row
+from jaxmoe.expert_quant import QuantizedStack, dequantize, int4_group, quantize, quantized_shapes, weight_row
 from jaxmoe.offload import EXPERT_NAMES, empty_slots, pack_expert, write_slot
 from tests.test_offload import NEW_TOKENS, PROMPT, run_prefill, total_experts
 
@@ -18,74 +18,108 @@ def test_quantize_int8_error_is_at_most_half_a_step_per_output_channel():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(3, 24, 10)).astype(np.float32) * rng.uniform(0.01, 5.0, size=(3, 1, 10)).astype(np.float32)
     w[1, :, 4] = 0.0  # an all-zero column
-    codes, scale = quantize_int8(w)
+    codes, scale = quantize(w, "int8")
     assert codes.dtype == np.int8 and codes.shape == w.shape and scale.shape == (3, 10)
     assert np.abs(codes.astype(int)).max() == 127  # each column's largest entry uses the full range
     assert (codes >= -127).all()
-    back = dequantize_int8(codes, scale, np.float32)
+    back = dequantize(codes, scale, np.float32, "int8")
     assert (np.abs(back - w) <= scale[:, None, :] / 2 * (1 + 1e-6)).all()
     assert (back[1, :, 4] == 0).all() and scale[1, 4] == 1.0
     # scales are per output column: a column 1000x larger leaves the others' error unchanged
     w2 = w.copy()
     w2[0, :, 0] *= 1000
-    np.testing.assert_array_equal(quantize_int8(w2)[1][0, 1:], scale[0, 1:])
+    np.testing.assert_array_equal(quantize(w2, "int8")[1][0, 1:], scale[0, 1:])
 
 
-def test_packed_int8_expert_round_trips_into_the_slot_buffers():
+def test_quantize_int4_packs_two_codes_per_byte_with_a_scale_per_group_of_rows():
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(2, 128, 6)).astype(np.float32)
+    w[0, 64:, 3] *= 100  # one group of one column much larger: only that group's scale grows
+    codes, scale = quantize(w, "int4")
+    assert codes.dtype == np.uint8 and codes.shape == (2, 64, 6) and scale.shape == (2, 2, 6)
+    assert ((codes & 15) >= 1).all() and ((codes >> 4) >= 1).all()  # codes + 8 in [1, 15]: symmetric [-7, 7]
+    back = dequantize(codes, scale, np.float32, "int4")
+    step = np.repeat(scale, 64, axis=-2)  # each row's scale
+    assert back.shape == w.shape and (np.abs(back - w) <= step / 2 * (1 + 1e-6)).all()
+    assert scale[0, 1, 3] > 50 * scale[0, 0, 3]
+    # row 2i is byte i's low nibble, row 2i+1 its high nibble
+    np.testing.assert_array_equal((codes[..., 0, :] & 15).astype(int) - 8, np.rint(back[..., 0, :] / scale[..., 0, :]))
+    np.testing.assert_array_equal((codes[..., 0, :] >> 4).astype(int) - 8, np.rint(back[..., 1, :] / scale[..., 0, :]))
+    assert int4_group(1408) == 64 and int4_group(48) == 16 and int4_group(2) == 2
+    with pytest.raises(ValueError, match="even"):
+        int4_group(7)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_packed_expert_round_trips_into_the_slot_buffers(mode):
     rng = np.random.default_rng(1)
     d, f = 16, 12
     shapes = {"w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
     expert = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
-    packed = pack_expert(expert, jnp.bfloat16, "int8")
-    assert packed.dtype == np.uint8 and packed.nbytes == 3 * d * f + 4 * (f + f + d)
-    slots = empty_slots({n: (s, jnp.bfloat16) for n, s in shapes.items()}, 6, "int8")
-    assert all(isinstance(slots[n], Int8Stack) for n in EXPERT_NAMES)
+    packed = pack_expert(expert, jnp.bfloat16, mode)
+    expected_bytes = sum(np.prod(quantized_shapes(s, mode)[0][0]) + 4 * np.prod(quantized_shapes(s, mode)[1])
+                         for s in shapes.values())
+    assert packed.dtype == np.uint8 and packed.nbytes == expected_bytes
+    slots = empty_slots({n: (s, jnp.bfloat16) for n, s in shapes.items()}, 6, mode)
+    assert all(isinstance(slots[n], QuantizedStack) and slots[n].shape == (6, *shapes[n]) for n in EXPERT_NAMES)
     out = jax.block_until_ready(write_slot(slots, 3, jnp.asarray(packed)))
     for n in EXPERT_NAMES:
-        expected = dequantize_int8(*quantize_int8(expert[n]), ml_dtypes.bfloat16)
+        expected = dequantize(*quantize(expert[n], mode), ml_dtypes.bfloat16, mode)
         got = out[n][3]
         assert got.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(got), expected)
         np.testing.assert_array_equal(np.asarray(weight_row(out[n], jnp.int32(3))), expected)
         assert not np.asarray(out[n][jnp.array([0, 5])]).any()  # other slots untouched
-        codes = np.asarray(out[n].codes[3])
-        assert np.abs(codes.astype(np.float32) * np.asarray(out[n].scale[3]) - expert[n]).max() > 0  # really int8
+        assert np.abs(expected.astype(np.float32) - expert[n]).max() > 0  # really quantized
 
 
 @pytest.fixture(scope="module")
 def quantized(converted_model):
-    """(model_dir, greedy ids, prefill logits) of the int8 resident engine on the qwen2_moe model."""
-    _, model_dir = converted_model("qwen2_moe")
-    engine = jaxmoe.load(model_dir, quantize_experts="int8")
-    logits = run_prefill(engine, PROMPT)
-    return model_dir, engine.generate(PROMPT, NEW_TOKENS), logits
+    """quantized(mode) -> (model_dir, greedy result, prefill logits) of that quantized resident engine on the
+    qwen2_moe model."""
+    made = {}
+
+    def get(mode):
+        if mode not in made:
+            _, model_dir = converted_model("qwen2_moe")
+            engine = jaxmoe.load(model_dir, quantize_experts=mode)
+            logits = run_prefill(engine, PROMPT)
+            made[mode] = (model_dir, engine.generate(PROMPT, NEW_TOKENS), logits)
+        return made[mode]
+
+    return get
 
 
-@pytest.mark.parametrize("slots,speculate", [(2, "off"), (7, "off"), (7, "on"), (18, "on")])
-def test_offloaded_int8_equals_resident_int8(slots, speculate, quantized):
-    model_dir, expected, expected_logits = quantized
-    engine = jaxmoe.load(model_dir, cache_slots=slots, quantize_experts="int8", speculate=speculate)
+@pytest.mark.parametrize("mode,slots,speculate", [("int8", 2, "off"), ("int8", 7, "off"), ("int8", 7, "on"), ("int8", 18, "on"),
+                                                  ("int4", 3, "off"), ("int4", 18, "on")])
+def test_offloaded_quantized_equals_resident_quantized(mode, slots, speculate, quantized):
+    model_dir, expected, expected_logits = quantized(mode)
+    engine = jaxmoe.load(model_dir, cache_slots=slots, quantize_experts=mode, speculate=speculate)
     logits = run_prefill(engine, PROMPT)
     assert np.abs(logits - expected_logits).max() <= 1e-5 * np.abs(expected_logits).max()
     result = engine.generate(PROMPT, NEW_TOKENS)
     assert result.generated_ids == expected.generated_ids
     cfg = engine.cfg
     d, f = cfg.hidden_size, cfg.moe_intermediate_size
-    assert result.stats["expert_bytes"] == 3 * d * f + 4 * (2 * f + d)
-    assert result.stats["quantize_experts"] == "int8" and expected.stats["quantize_experts"] == "int8"
+    packed = {"int8": 3 * d * f + 4 * (2 * f + d), "int4": 3 * d * f // 2 + 4 * (f * d // int4_group(d) * 2 + d * f // int4_group(f))}
+    assert result.stats["expert_bytes"] == packed[mode]
+    assert result.stats["quantize_experts"] == mode and expected.stats["quantize_experts"] == mode
     if slots < total_experts(cfg):
         assert result.stats["h2d_bytes"] % result.stats["expert_bytes"] == 0 and result.stats["h2d_bytes"] > 0
     if speculate == "on" and slots >= total_experts(cfg):
         assert result.stats["speculated_tokens"] > 0
 
 
-def test_int8_model_stays_close_to_the_unquantized_model(quantized):
-    model_dir, _, int8_logits = quantized
+def test_quantized_model_stays_close_to_the_unquantized_model(quantized):
+    model_dir = quantized("int8")[0]
     logits = run_prefill(jaxmoe.load(model_dir), PROMPT)
-    p, q = jax.nn.log_softmax(logits[0]), jax.nn.log_softmax(int8_logits[0])
-    kl = float(jnp.sum(jnp.exp(p) * (p - q)))
-    assert 0 < kl < 1e-3  # different (quantized), but only by the quantization error
-    assert logits.argmax() == int8_logits.argmax()
+    p = jax.nn.log_softmax(logits[0])
+    kl = {}
+    for mode in ("int8", "int4"):
+        q = jax.nn.log_softmax(quantized(mode)[2][0])
+        kl[mode] = float(jnp.sum(jnp.exp(p) * (p - q)))
+    assert 0 < kl["int8"] < 1e-3 and kl["int8"] < kl["int4"] < 3e-2, kl  # different, by the quantization error
+    assert logits.argmax() == quantized("int8")[2].argmax()
 
 
 def test_int8_halves_the_expert_bytes_and_the_cache_it_buys(converted_model):
