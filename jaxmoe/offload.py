@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from jaxmoe.checkpoint import abstract_model, restore_layer_experts, restore_piece, split_layer, with_sharding
 from jaxmoe.config import ModelConfig, load_config
@@ -41,6 +42,7 @@ from scheduler.speculation import MODES as SPECULATION_MODES, Speculation
 
 EXPERT_NAMES = ("w_gate", "w_up", "w_down")
 PREFILL_CHUNK = 256  # tokens per prefill chunk
+PROGRESS_MIN_BYTES = 2**30  # loading more routed-expert bytes than this shows a progress bar
 DEVICE_MARGIN = 0.10  # fraction of device memory left free when sizing the cache automatically
 NOT_PLANNED = object()  # a layer whose next transfers are planned after its dispatch (see `_route`)
 _WHOLE_TOKEN_RAN: set = set()  # `OffloadEngine._whole_token_key`s whose whole-token program this process ran
@@ -288,7 +290,10 @@ class ExpertStore:
         self.quantize = quantize
         host = jax.sharding.SingleDeviceSharding(device, memory_kind=self.memory_kind)
         self.experts: dict[tuple[int, int], dict] = {}
-        for layer, abstract in abstract_experts.items():
+        total = sum(x.size * jnp.dtype(x.dtype).itemsize for a in abstract_experts.values() for x in jax.tree.leaves(a))
+        layers = tqdm(abstract_experts.items(), desc="experts to host memory" + (f" ({quantize})" if quantize else ""),
+                      unit="layer", disable=total < PROGRESS_MIN_BYTES, file=sys.stderr)
+        for layer, abstract in layers:
             stack = restore_layer_experts(model_dir, layer, abstract, host)
             arrays = {name: np.asarray(stack[name]) for name in EXPERT_NAMES}
             del stack
