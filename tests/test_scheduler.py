@@ -69,11 +69,12 @@ def with_random_delays(engine: OffloadEngine, seed: int, max_delay_s: float):
 def reference(converted_model):
     refs = {}
 
-    def get(family):
-        if family not in refs:
+    def get(family, quantize_experts=None):
+        key = (family, quantize_experts)
+        if key not in refs:
             _, model_dir = converted_model(family)
-            refs[family] = (model_dir, jaxmoe.load(model_dir).generate(PROMPT, 20).generated_ids)
-        return refs[family]
+            refs[key] = (model_dir, jaxmoe.load(model_dir, quantize_experts=quantize_experts).generate(PROMPT, 20).generated_ids)
+        return refs[key]
 
     return get
 
@@ -82,11 +83,13 @@ def reference(converted_model):
 def test_fuzzed_schedules_reproduce_resident_output(seed, reference):
     rng = random.Random(seed)
     family = ["qwen2_moe", "mixtral"][seed % 2]
-    model_dir, expected = reference(family)
+    quantize = random.Random(seed + 1000).choice([None, None, "int8", "int4"])  # experts as stored, or quantized
+    model_dir, expected = reference(family, quantize)
     policy = POLICIES[seed % len(POLICIES)]
     slots = rng.choice([2, 3, 4, 7, 12, 18])
     link = rng.choice([None, f"{rng.uniform(0.005, 0.05):.4f},{rng.randint(0, 300)}"])
-    engine = jaxmoe.load(model_dir, cache_slots=slots, policy=policy, **({"emulate_link": link} if link else {}))
+    engine = jaxmoe.load(model_dir, cache_slots=slots, policy=policy, quantize_experts=quantize,
+                         **({"emulate_link": link} if link else {}))
     if policy in ("prefetch", "presched", "adaptive"):
         choice = rng.choice(["gate-lookahead", "previous-token", "frequency", "adversarial", "random"])
         engine.predictor = (AdversarialPredictor(engine.cfg.num_experts, seed, choice)
@@ -96,7 +99,7 @@ def test_fuzzed_schedules_reproduce_resident_output(seed, reference):
     with_random_delays(engine, seed, max_delay_s=0.003)
     with time_limit(120):
         result = engine.generate(PROMPT, 20)
-    assert result.generated_ids == expected, (policy, slots, link, engine.speculation.mode)
+    assert result.generated_ids == expected, (policy, slots, link, engine.speculation.mode, quantize)
     assert 0 <= result.stats["prefetch_precision"] <= 1  # prefill's prefetches are not credited to decode
     assert threading.active_count() == 1 or all(t.name != "jaxmoe-expert-transfers" for t in threading.enumerate())
 
