@@ -105,7 +105,7 @@ def test_cpu_smoke_run_writes_json_and_markdown(tmp_path):
     assert report["routing"]["source"].startswith("compact copy of random test routing")
     assert report["routing"]["stats"]["distinct_experts_per_token_min"] == 8
     bw = report["bandwidth"]
-    assert bw["pinned_host_gbps"] > 0 and bw["pageable_gbps"] > 0
+    assert bw["pinned_host_gbps"] > 0 and bw["pageable_gbps"] > 0 and bw["pinned_host_burst_gbps"] > 0
     assert report["compute"]["hit_rate"] == 1.0 and report["compute"]["s_per_token"] > 0
     bound = report["bounds"]["0.125"]
     for key in ("belady_min_h2d_gb_per_token", "bound_tokens_per_s", "per_token_bound_tokens_per_s", "compute_s_per_token"):
