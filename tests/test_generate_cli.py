@@ -118,8 +118,6 @@ def test_int8_experts_offloaded_and_resident_agree(model_dir, workdir):
         runs[name] = json.loads(out.read_text())
     assert runs["int8-offloaded"]["generated_ids"] == runs["int8-resident"]["generated_ids"]
     assert runs["int8-offloaded"]["stats"]["quantize_experts"] == "int8"
-    proc = cli(workdir, "--model", model_dir, "--prompt", PROMPT, "--quantize-experts", "int3")
-    assert proc.returncode == 2 and "--quantize-experts" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_refuses_missing_model_dir(workdir):
