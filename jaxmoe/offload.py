@@ -13,9 +13,11 @@ Loading an expert: an asynchronous `jax.device_put` of its three host arrays, th
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from scheduler.speculation import MODES as SPECULATION_MODES, Speculation
 
 EXPERT_NAMES = ("w_gate", "w_up", "w_down")
 PREFILL_CHUNK = 256  # tokens per prefill chunk
+PACK_THREADS = min(8, os.cpu_count() or 1)  # experts packed (and quantized) at once while loading
 PROGRESS_MIN_BYTES = 2**30  # loading more routed-expert bytes than this shows a progress bar
 DEVICE_MARGIN = 0.10  # fraction of device memory left free when sizing the cache automatically
 NOT_PLANNED = object()  # a layer whose next transfers are planned after its dispatch (see `_route`)
@@ -297,9 +300,10 @@ class ExpertStore:
             stack = restore_layer_experts(model_dir, layer, abstract, host)
             arrays = {name: np.asarray(stack[name]) for name in EXPERT_NAMES}
             del stack
-            for e in range(cfg.num_experts):
-                packed = pack_expert({n: arrays[n][e] for n in EXPERT_NAMES}, dtype, quantize)
-                self.experts[(layer, e)] = jax.device_put(packed, host)
+            pack = lambda e: pack_expert({n: arrays[n][e] for n in EXPERT_NAMES}, dtype, quantize)  # noqa: E731
+            with ThreadPoolExecutor(PACK_THREADS) as pool:  # numpy releases the GIL: experts pack in parallel
+                for e, packed in enumerate(pool.map(pack, range(cfg.num_experts))):
+                    self.experts[(layer, e)] = jax.device_put(packed, host)
         self.expert_shapes = {n: (arrays[n].shape[1:], jnp.dtype(dtype)) for n in EXPERT_NAMES}
         self.expert_bytes = next(iter(self.experts.values())).nbytes
 
