@@ -75,25 +75,26 @@ def test_packed_expert_round_trips_into_the_slot_buffers(mode):
 
 @pytest.fixture(scope="module")
 def quantized(converted_model):
-    """quantized(mode) -> (model_dir, greedy result, prefill logits) of that quantized resident engine on the
-    qwen2_moe model."""
+    """quantized(mode, family) -> (model_dir, greedy result, prefill logits) of that quantized resident engine."""
     made = {}
 
-    def get(mode):
-        if mode not in made:
-            _, model_dir = converted_model("qwen2_moe")
+    def get(mode, family="qwen2_moe"):
+        if (mode, family) not in made:
+            _, model_dir = converted_model(family)
             engine = jaxmoe.load(model_dir, quantize_experts=mode)
             logits = run_prefill(engine, PROMPT)
-            made[mode] = (model_dir, engine.generate(PROMPT, NEW_TOKENS), logits)
-        return made[mode]
+            made[mode, family] = (model_dir, engine.generate(PROMPT, NEW_TOKENS), logits)
+        return made[mode, family]
 
     return get
 
 
-@pytest.mark.parametrize("mode,slots,speculate", [("int8", 2, "off"), ("int8", 7, "off"), ("int8", 7, "on"), ("int8", 18, "on"),
-                                                  ("int4", 3, "off"), ("int4", 18, "on")])
-def test_offloaded_quantized_equals_resident_quantized(mode, slots, speculate, quantized):
-    model_dir, expected, expected_logits = quantized(mode)
+@pytest.mark.parametrize("mode,slots,speculate,family", [
+    ("int8", 2, "off", "qwen2_moe"), ("int8", 7, "off", "qwen2_moe"), ("int8", 7, "on", "qwen2_moe"),
+    ("int8", 18, "on", "qwen2_moe"), ("int4", 3, "off", "qwen2_moe"), ("int4", 18, "on", "qwen2_moe"),
+    ("int4", 7, "on", "deepseek_v2")])
+def test_offloaded_quantized_equals_resident_quantized(mode, slots, speculate, family, quantized):
+    model_dir, expected, expected_logits = quantized(mode, family)
     engine = jaxmoe.load(model_dir, cache_slots=slots, quantize_experts=mode, speculate=speculate)
     logits = run_prefill(engine, PROMPT)
     assert np.abs(logits - expected_logits).max() <= 1e-5 * np.abs(expected_logits).max()
