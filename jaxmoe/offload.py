@@ -40,7 +40,7 @@ from scheduler.eviction import LFU, LRU, Belady, ExpectedReuse
 from scheduler.expert_cache import ExpertCache
 from scheduler.link import EmulatedLink
 from scheduler.planners import Adaptive, NoPrefetch, OraclePlanner, PlanContext, PreSched, TopKPrefetch
-from scheduler.speculation import MODES as SPECULATION_MODES, Speculation
+from scheduler.speculation import MODES as SPECULATION_MODES, Speculation, redo_fraction
 
 EXPERT_NAMES = ("w_gate", "w_up", "w_down")
 PREFILL_CHUNK = 256  # tokens per prefill chunk
@@ -774,11 +774,9 @@ class OffloadEngine:
         h = self._forward(token, positions, np.ones(1, bool))
         redo = 0.0
         if landed is not None:
-            num_pos = len(landed)
-            for pos, needed in enumerate(self._token_needed):
-                if (landed[pos, needed] < 0).any():
-                    redo = (num_pos - pos) / num_pos
-                    break
+            first_miss = next((pos for pos, needed in enumerate(self._token_needed) if (landed[pos, needed] < 0).any()),
+                              len(landed))
+            redo = redo_fraction(first_miss, len(landed))
             self._token_needed = None
         self._timed_token = (False, redo, start, compiled)
         return self._logits(h)
@@ -842,7 +840,7 @@ class OffloadEngine:
             return logits, 0.0
         self._spec_redone += 1
         h = self._forward(token, positions, np.ones(1, bool), self.moe_layer_ids[first_miss], h_in[first_miss])
-        return self._logits(h), (num_pos - first_miss) / num_pos
+        return self._logits(h), redo_fraction(first_miss, num_pos)
 
     def _book_resident_layers(self, ids: np.ndarray, packed) -> None:
         """What `_ensure` and `_after_layer` record for the first m MoE positions of a token, whose experts

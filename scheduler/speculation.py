@@ -129,5 +129,11 @@ class Speculation:
                 "startup_s": self.startup_s() if self.mode == "auto" else None}
 
 
+def redo_fraction(first_miss: int, num_positions: int) -> float:
+    """x of a token whose first MoE position with an expert outside the cache is `first_miss` (num_positions
+    when there is none): the share of its MoE positions from there on, (P - m) / P."""
+    return (num_positions - first_miss) / num_positions
+
+
 def _ema(old: float | None, new: float) -> float:
     return new if old is None else (1 - EMA) * old + EMA * new
