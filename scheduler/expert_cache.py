@@ -15,7 +15,8 @@ prefetch for which no slot can be freed.
 One link: copies land one after another. The copy itself is the runtime's `load(key, slot)` callback,
 which issues it (jax.device_put) and returns a function that waits until it has landed and writes the
 slot (or None when done at once). While one copy is on the link the thread has the next one issued,
-so the link does not idle while the thread finishes one copy and starts the next. With an
+so the link does not idle while the thread finishes one copy and starts the next; demand copies may be
+issued deeper (`copies_in_flight`), where a fixed per-copy latency overlaps with other copies. With an
 `EmulatedLink` each copy takes bytes/bandwidth + latency of link time, back to back when queued; only
 the thread waits. A failure in the thread is re-raised in the main thread (same exception object,
 original traceback) at its next `ensure`, within `POLL_S` while it waits.
@@ -90,12 +91,18 @@ class SlotRequest:
 
 class ExpertCache:
     def __init__(self, num_slots: int, policy, load: Callable[[ExpertKey, int], None], expert_bytes: int,
-                 link: EmulatedLink | None = None, key_shape: tuple[int, int] | None = None):
+                 link: EmulatedLink | None = None, key_shape: tuple[int, int] | None = None,
+                 copies_in_flight: int = 2):
         self.table = SlotTable(num_slots, key_shape)
         self.policy = policy
         self.load = load
         self.expert_bytes = expert_bytes
         self.link = link
+        if copies_in_flight < 2:
+            raise ValueError(f"copies_in_flight {copies_in_flight}: at least 2 (one landing, the next issued)")
+        # copies issued and not yet landed, at most: demand copies fill up to this, a prefetch is issued
+        # only while fewer than 2 are in flight
+        self.copies_in_flight = copies_in_flight
         self.stats = CacheStats()
         self.measured_bandwidth: float | None = None  # bytes/s, EMA over transfers
         self._cond = threading.Condition()
@@ -315,15 +322,17 @@ class ExpertCache:
             self._thread.start()
 
     # -- transfer thread ---------------------------------------------------------------------------
-    def _next_transfer(self, wait: bool = True):
-        """(key, slot, is_prefetch) of the next transfer; None when there is none and not `wait`;
-        _CLOSED when closed. Holds the lock."""
+    def _next_transfer(self, wait: bool = True, demand_only: bool = False):
+        """(key, slot, is_prefetch) of the next transfer; None when there is none and not `wait` (or only
+        prefetches and `demand_only`); _CLOSED when closed. Holds the lock."""
         while True:
             if self._closed:
                 return _CLOSED
             if self._demand:
                 key, slot = self._demand.popleft()
                 return key, slot, False
+            if demand_only:
+                return None
             while self._pending:
                 key = self._pending.popleft()
                 if self.table.lookup(key) is not None:
@@ -373,26 +382,28 @@ class ExpertCache:
         return done
 
     def _run(self) -> None:
-        """Copies land one after another, but while one is on the link the next is already issued (two
-        queued at most), so the link does not idle while this thread finishes one copy and starts the
-        next. Queueing deeper would commit to prefetches that a demand transfer arriving meanwhile would
-        have to wait for."""
-        current, done = None, 0.0
+        """Copies land one after another, but while one is on the link the next is already issued, so
+        the link does not idle while this thread finishes one copy and starts the next. Demand copies are
+        issued up to `copies_in_flight` deep (a fixed per-copy latency then overlaps with the copies
+        ahead); a prefetch only while fewer than two are in flight: queueing prefetches deeper would
+        commit the link to guesses that a demand transfer arriving meanwhile would have to wait for."""
+        flying: deque[_Transfer] = deque()  # issued, oldest first
+        done = 0.0
         try:
             while True:
-                if current is None:
+                if not flying:
                     with self._cond:
                         job = self._next_transfer()
                     if job is _CLOSED:
                         return
-                    current = self._start_transfer(job, done)
-                with self._cond:
-                    job = self._next_transfer(wait=False)
-                following = None
-                if job is not None and job is not _CLOSED:
-                    following = self._start_transfer(job, current.emulated_done or 0.0)
-                done = self._finish_transfer(current, done)
-                current = following
+                    flying.append(self._start_transfer(job, done))
+                while len(flying) < self.copies_in_flight:
+                    with self._cond:
+                        job = self._next_transfer(wait=False, demand_only=len(flying) >= 2)
+                    if job is None or job is _CLOSED:
+                        break
+                    flying.append(self._start_transfer(job, flying[-1].emulated_done or 0.0))
+                done = self._finish_transfer(flying.popleft(), done)
         except BaseException as e:  # noqa: BLE001 — surfaced in the main thread
             with self._cond:
                 self._error = e

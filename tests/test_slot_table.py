@@ -2,6 +2,7 @@
 
 import random
 import threading
+import time
 
 import pytest
 
@@ -315,3 +316,38 @@ def test_next_copy_is_issued_before_the_current_one_lands_and_the_link_stays_ser
         cache.table.check()
     finally:
         cache.close()
+
+
+def test_demand_copies_go_deeper_than_prefetches():
+    """copies_in_flight=4: a layer's six demand copies are issued four deep before the first lands, while
+    prefetches (guesses a demand copy may have to wait behind) stay two deep."""
+    from scheduler.link import EmulatedLink
+
+    def run(ask):
+        events = []
+
+        def load(key, slot):
+            events.append("issue")
+            return lambda: events.append("land")
+
+        cache = ExpertCache(16, LRU(), load, EXPERT_BYTES, EmulatedLink(gbps=EXPERT_BYTES / 0.01 / 1e9), copies_in_flight=4)
+        try:
+            ask(cache)
+            deadline = time.monotonic() + 5
+            while events.count("land") < 6 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            cache.table.check()
+        finally:
+            cache.close()
+        in_flight, most = 0, 0
+        for event in events:
+            in_flight += 1 if event == "issue" else -1
+            most = max(most, in_flight)
+        return events, most
+
+    events, most = run(lambda cache: cache.ensure([(0, e) for e in range(6)]))
+    assert events[:5] == ["issue"] * 4 + ["land"] and most == 4
+    events, most = run(lambda cache: cache.prefetch([(1, e) for e in range(6)]))
+    assert events.count("issue") == 6 and most == 2
+    with pytest.raises(ValueError, match="copies_in_flight 1"):
+        ExpertCache(4, LRU(), lambda key, slot: None, EXPERT_BYTES, copies_in_flight=1)
