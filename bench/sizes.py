@@ -538,6 +538,7 @@ def run_shape(name: str, args, source, trace_path, peer: dict, budget: Budget, o
             t0 = time.perf_counter()
             engine = model.engine(slots, policy, predictor)
             engine.speculation = Speculation(args.speculate)
+            engine.copies_in_flight = args.copies_in_flight
             engine.routing_override = replay
             r = run_engine(ReplayDriver(engine, replay, prompts), prompts, args.tokens, args.repeats)
             s = engine.stats()
@@ -609,9 +610,11 @@ def write_outputs(report: dict, out_dir: Path, plots: bool) -> None:
 
 
 def report_stem(report: dict) -> str:
-    """sizes-SHAPE, with -int8 / -int4 for a run with quantized experts (so it sits beside the unquantized one)."""
-    quantize = report.get("settings", {}).get("quantize_experts")
-    return f"sizes-{report['shape']}" + (f"-{quantize}" if quantize else "")
+    """sizes-SHAPE, with -int8 / -int4 for a run with quantized experts and -inflightN for a run with other
+    than 2 copies in flight (so it sits beside the default run)."""
+    settings = report.get("settings", {})
+    quantize, in_flight = settings.get("quantize_experts"), settings.get("copies_in_flight", 2)
+    return f"sizes-{report['shape']}" + (f"-{quantize}" if quantize else "") + (f"-inflight{in_flight}" if in_flight != 2 else "")
 
 
 def _json_default(x):
@@ -649,6 +652,9 @@ def markdown(report: dict) -> str:
               f"non-expert weights {_bytes(m['non_expert_bytes'])}, {_count(m['total_params'])} parameters (bfloat16)"
               + (f" — REDUCED: layers={reduced['layers']}, scale={reduced['scale']}" if reduced else ""), ""]
     quantize = report.get("settings", {}).get("quantize_experts")
+    in_flight = report.get("settings", {}).get("copies_in_flight", 2)
+    if in_flight != 2:
+        lines += [f"**Demand copies in flight: up to {in_flight}** (the default is 2)", ""]
     if quantize:
         lines += [f"**Experts {quantize}** (jaxmoe.expert_quant): one expert moves and occupies "
                   f"{_bytes(report.get('moved_expert_bytes', 0))} (codes + float32 scales); cache fractions count slots, "
@@ -799,6 +805,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-experts", choices=QUANTIZE_MODES, default=None,
                    help="int8 / int4: routed experts moved and cached as codes + scales (writes sizes-SHAPE-int8.*; "
                         "the resident baseline stays unquantized: dequantized weights compute alike)")
+    p.add_argument("--copies-in-flight", type=int, default=2,
+                   help="demand expert copies the transfer thread keeps issued at most (prefetches: 2)")
     p.add_argument("--skip-resident", action="store_true")
     p.add_argument("--time-budget", type=float, default=None, help="seconds: start no new run after this (per shape)")
     p.add_argument("--out", type=Path, default=None)

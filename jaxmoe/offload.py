@@ -377,6 +377,7 @@ class OffloadEngine:
         self.slots = empty_slots(store.expert_shapes, num_slots, store.quantize)
         self._slots_lock = threading.Lock()  # guards replacing self.slots (donated) vs dispatching readers
         self.num_slots, self.link = num_slots, link
+        self._copies_in_flight = 2  # see `copies_in_flight`
         self.moe_layer_ids = cfg.moe_layer_ids
         self.pos_of_layer = {layer: p for p, layer in enumerate(self.moe_layer_ids)}
         self._moe_layer_index = np.asarray(self.moe_layer_ids)
@@ -416,7 +417,21 @@ class OffloadEngine:
     def _new_cache(self, planner, eviction) -> None:
         self.planner = planner
         self.cache = ExpertCache(self.num_slots, eviction, self._copy_expert, self.store.expert_bytes, self.link,
-                                 key_shape=(self.cfg.num_layers, self.cfg.num_experts))
+                                 key_shape=(self.cfg.num_layers, self.cfg.num_experts),
+                                 copies_in_flight=self._copies_in_flight)
+
+    @property
+    def copies_in_flight(self) -> int:
+        """How many expert copies the transfer thread keeps issued, at most, when they are demand copies
+        (prefetches: 2). Deeper helps where each copy has a fixed latency that overlaps with others (see
+        `bench sizes`' burst bandwidth); on the CPU backend copies run one at a time anyway."""
+        return self._copies_in_flight
+
+    @copies_in_flight.setter
+    def copies_in_flight(self, n: int) -> None:
+        if n < 2:
+            raise JaxmoeError(f"--copies-in-flight {n}: at least 2")
+        self._copies_in_flight = self.cache.copies_in_flight = n
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod

@@ -173,17 +173,19 @@ def test_decode_plans_the_next_layer_while_waiting_for_misses(reference):
         assert log[i + 1] == ("wait",)
 
 
-@pytest.mark.parametrize("policy,speculate,slots,quantize", [("on-demand", "auto", 5, None), ("presched", "auto", 5, None),
-                                                              ("presched", "on", 10, None), ("on-demand", "on", 10, "int4")])
-def test_accelerator_copy_path_reproduces_resident_output(policy, speculate, slots, quantize, reference):
+@pytest.mark.parametrize("policy,speculate,slots,quantize,in_flight", [
+    ("on-demand", "auto", 5, None, 2), ("presched", "auto", 5, None, 4), ("presched", "on", 10, None, 2),
+    ("on-demand", "on", 10, "int4", 3)])
+def test_accelerator_copy_path_reproduces_resident_output(policy, speculate, slots, quantize, in_flight, reference):
     """The accelerator's copy path (device_put issued, the next copy issued while it flies, the slot
     written once it has landed), forced on the CPU backend with random delays: the same tokens, also when
-    every decode step runs as one program over the slots that had landed when it started, and with
-    quantized experts (their bytes copied, then written into codes and scales)."""
+    every decode step runs as one program over the slots that had landed when it started, with quantized
+    experts (their bytes copied, then written into codes and scales), and with demand copies issued deeper."""
     model_dir, expected = reference("qwen2_moe", quantize)
     engine = jaxmoe.load(model_dir, cache_slots=slots, policy=policy, emulate_link="0.02,50", speculate=speculate,
                          quantize_experts=quantize)
     engine.copy_inside_write = False
+    engine.copies_in_flight = in_flight  # demand copies issued this deep
     with_random_delays(engine, seed=7, max_delay_s=0.003)
     with time_limit(120):
         result = engine.generate(PROMPT, 20)
