@@ -2,7 +2,7 @@
 # The GPU measurements issue 7 still owes, in priority order, sized for a lent device (the `run` tool:
 # at most 10 minutes per command, 30 minutes per session). Run one step per call, from the repo root:
 #
-#     bash bench/gpu_suite.sh STEP        STEP = 1 .. 7
+#     bash bench/gpu_suite.sh STEP        STEP = 1 .. 8
 #
 # Results land in $OUT/results/<device>/ (default: /tmp/jaxmoe-gpu-suite), ready to copy into
 # bench/results/<device>/; re-draw plots here with `python -m bench sizes --plot-only FILE.json`.
@@ -15,14 +15,15 @@
 #      fit an 80 GB GPU)
 #   3  int8 experts (half the bytes per copy): Qwen3-30B-A3B at 25% and 50%, on-demand / presched / oracle
 #      (sizes-qwen3-30b-a3b-int8.*; compare with step 2's unquantized rows)
-#   4  demand copies 4 deep (--copies-in-flight 4): Qwen3-30B-A3B at 25%, on-demand / presched; worth it where
+#   4  Mixtral-8x7B with int8 experts at 100% cache (45 GB of experts: the whole model on an 80 GB GPU), on-demand
+#   5  demand copies 4 deep (--copies-in-flight 4): Qwen3-30B-A3B at 25%, on-demand / presched; worth it where
 #      the "pinned copies at once" bandwidth in the sizes tables beats the one-at-a-time figure
-#   5  Mixtral-8x7B at 50%: the policies the last run's time budget cut (lfu, prefetch, presched, oracle)
-#   6  Qwen3-30B-A3B at 50%: on-demand / presched / oracle
-#   7  OLMoE-1B-7B and DeepSeek-V2-Lite: 10/25/50% cache, on-demand / presched / oracle, resident
+#   6  Mixtral-8x7B at 50%: the policies the last run's time budget cut (lfu, prefetch, presched, oracle)
+#   7  Qwen3-30B-A3B at 50%: on-demand / presched / oracle
+#   8  OLMoE-1B-7B and DeepSeek-V2-Lite: 10/25/50% cache, on-demand / presched / oracle, resident
 # SMOKE=1 shrinks every step to seconds (CPU check of the commands themselves).
 set -euo pipefail
-step="${1:?usage: bash bench/gpu_suite.sh STEP (1-7)}"
+step="${1:?usage: bash bench/gpu_suite.sh STEP (1-8)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 device="$(python -c 'from bench.policies import device_name; print(device_name())' 2>/dev/null)"
 out="${OUT:-/tmp/jaxmoe-gpu-suite}/results/$device"
@@ -44,14 +45,15 @@ case "$step" in
     ;;
   2) sizes --shape qwen3-30b-a3b --cache 0.25,1.0 "${three[@]}" ;;
   3) sizes --shape qwen3-30b-a3b --cache 0.25,0.5 "${three[@]}" --skip-resident --quantize-experts int8 ;;
-  4) sizes --shape qwen3-30b-a3b --cache 0.25 --policies on-demand,presched --tokens 16 --skip-resident --copies-in-flight 4 ;;
-  5) sizes --shape mixtral-8x7b --cache 0.5 --policies lfu,prefetch,presched,oracle --tokens 16 --skip-resident ;;
-  6) sizes --shape qwen3-30b-a3b --cache 0.5 "${three[@]}" --skip-resident --out "$out/qwen3-50pct" ;;  # beside step 2's file
-  7)
+  4) sizes --shape mixtral-8x7b --cache 1.0 --policies on-demand --tokens 16 --skip-resident --quantize-experts int8 ;;
+  5) sizes --shape qwen3-30b-a3b --cache 0.25 --policies on-demand,presched --tokens 16 --skip-resident --copies-in-flight 4 ;;
+  6) sizes --shape mixtral-8x7b --cache 0.5 --policies lfu,prefetch,presched,oracle --tokens 16 --skip-resident ;;
+  7) sizes --shape qwen3-30b-a3b --cache 0.5 "${three[@]}" --skip-resident --out "$out/qwen3-50pct" ;;  # beside step 2's file
+  8)
     budget=$(( budget / 2 ))
     sizes --shape olmoe-1b-7b --cache 0.1,0.25,0.5 "${three[@]}"
     sizes --shape deepseek-v2-lite --cache 0.1,0.25,0.5 "${three[@]}"
     ;;
-  *) echo "error: bench/gpu_suite.sh: unknown step '$step' (1-7)" >&2; exit 2 ;;
+  *) echo "error: bench/gpu_suite.sh: unknown step '$step' (1-8)" >&2; exit 2 ;;
 esac
 ls -l "$out"
