@@ -34,6 +34,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.engine import ResidentEngine, flat_state, tree_bytes
 from jaxmoe.errors import JaxmoeError
 from jaxmoe.moe import ExpertWeight
+from jaxmoe.expert_quant import check_quantize
 from jaxmoe.offload import EXPERT_NAMES, PREDICTOR_POLICIES, OffloadEngine, host_memory_kind, pack_expert
 from predictors.base import FrequencyPredictor, PreviousTokenPredictor
 
@@ -163,6 +164,7 @@ class SyntheticModel:
         g_norm, norm_state = nnx.split(model.final_norm)
         globals_parts = {"embedding": model.embed.embedding[...], "head": model.head_matrix(),
                          "norm": flat_state(g_norm, norm_state)}
+        check_quantize(quantize, cfg.hidden_size, cfg.moe_intermediate_size)
         store = SyntheticExpertStore(cfg, dtype, device, seed, progress, quantize) if with_store else None
         return cls(cfg, dtype, device, seed, non_expert, layer_parts, globals_parts, store)
 

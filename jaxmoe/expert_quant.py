@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmoe.errors import JaxmoeError
+
 QUANTIZE_MODES = ("int8", "int4")
 INT8_MAX = 127
 INT4_MAX = 7
@@ -89,10 +91,16 @@ def quantized_shapes(shape: tuple[int, int], mode: str) -> tuple[tuple[tuple[int
     return ((a // 2, b), np.uint8), (a // int4_group(a), b)
 
 
-def check_quantize(mode: str | None) -> None:
-    """Raises ValueError naming the flag when `mode` is not None and not a known quantization."""
-    if mode is not None and mode not in QUANTIZE_MODES:
-        raise ValueError(f"--quantize-experts {mode!r}: expected one of {', '.join(QUANTIZE_MODES)}")
+def check_quantize(mode: str | None, hidden_size: int | None = None, intermediate_size: int | None = None) -> None:
+    """Raises JaxmoeError naming the flag when `mode` is not None and not a known quantization, or (given the
+    experts' dimensions) cannot quantize them: int4 packs pairs of input rows, so both must be even."""
+    if mode is None:
+        return
+    if mode not in QUANTIZE_MODES:
+        raise JaxmoeError(f"--quantize-experts {mode!r}: expected one of {', '.join(QUANTIZE_MODES)}")
+    if mode == "int4" and any(n is not None and n % 2 for n in (hidden_size, intermediate_size)):
+        raise JaxmoeError(f"--quantize-experts int4: needs even expert dimensions; the model has hidden size "
+                          f"{hidden_size} and expert intermediate size {intermediate_size} (int8 has no such limit)")
 
 
 @jax.tree_util.register_dataclass

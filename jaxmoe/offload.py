@@ -451,11 +451,9 @@ class OffloadEngine:
         link = EmulatedLink.parse(emulate_link) if emulate_link is not None else None
         if speculate not in SPECULATE_MODES:
             raise JaxmoeError(f"--speculate {speculate!r}: expected one of {', '.join(SPECULATE_MODES)}")
-        try:
-            check_quantize(quantize_experts)
-        except ValueError as e:
-            raise JaxmoeError(str(e)) from None
+        check_quantize(quantize_experts)
         cfg = load_config(model_dir)
+        check_quantize(quantize_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         if not cfg.moe_layer_ids:
             raise JaxmoeError(f"{model_dir}: the model has no MoE layers to offload")
         dtype = jnp.dtype(dtype or cfg.dtype)

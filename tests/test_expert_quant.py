@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxmoe
-from jaxmoe.expert_quant import QuantizedStack, dequantize, int4_group, quantize, quantized_shapes, weight_row
+from jaxmoe.expert_quant import QuantizedStack, check_quantize, dequantize, int4_group, quantize, quantized_shapes, weight_row
 from jaxmoe.offload import EXPERT_NAMES, empty_slots, pack_expert, write_slot
 from tests.test_offload import NEW_TOKENS, PROMPT, run_prefill, total_experts
 
@@ -137,3 +137,7 @@ def test_unknown_quantization_is_a_clear_error(converted_model):
     for options in ({}, {"cache_slots": 4}):
         with pytest.raises(jaxmoe.JaxmoeError, match="--quantize-experts 'int3'"):
             jaxmoe.load(model_dir, quantize_experts="int3", **options)
+    check_quantize("int4", 64, 144)
+    check_quantize("int8", 64, 143)
+    with pytest.raises(jaxmoe.JaxmoeError, match="--quantize-experts int4: needs even expert dimensions.*143"):
+        check_quantize("int4", 64, 143)
