@@ -6,8 +6,9 @@ over the slot buffers (`routed_over_slots`) -> shared expert + residual (`moe_ba
 and the KV cache never leave the device. All jitted functions take slot buffers and slot ids as
 arguments with static shapes, so one compilation serves every layer, routing and step.
 
-Loading an expert: an asynchronous `jax.device_put` of its three host arrays, then an in-place
-(donated) write into the slot buffers; the on-demand baseline blocks until it has landed.
+Loading an expert: an asynchronous `jax.device_put` of its packed host array (`pack_expert`: its three
+weights, or their int8 / int4 codes and scales with `quantize_experts`, see jaxmoe.expert_quant), then an
+in-place (donated) write into the slot buffers; the on-demand baseline blocks until it has landed.
 """
 
 from __future__ import annotations
