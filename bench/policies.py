@@ -239,26 +239,27 @@ def split_policy(entry: str, default_predictor: str | None) -> tuple[str, str | 
     return policy, predictor or default_predictor
 
 
+def parse_modes(flag: str, value: str, allowed) -> list[str]:
+    """A flag taking one mode or several, comma-separated -> the modes, each once, in order; anything not
+    in `allowed` (or none at all) raises naming the flag."""
+    modes = [m for m in value.split(",") if m]
+    if not modes or any(m not in allowed for m in modes):
+        raise JaxmoeError(f"{flag} {value!r}: expected one or more of {', '.join(allowed)}")
+    return list(dict.fromkeys(modes))
+
+
 def parse_speculate(value: str) -> list[str]:
     """--speculate: one mode or several, comma-separated -> the modes."""
     from jaxmoe.offload import SPECULATE_MODES
 
-    modes = [m for m in value.split(",") if m]
-    bad = [m for m in modes if m not in SPECULATE_MODES]
-    if bad or not modes:
-        raise JaxmoeError(f"--speculate {value!r}: expected one or more of {', '.join(SPECULATE_MODES)}")
-    return list(dict.fromkeys(modes))
+    return parse_modes("--speculate", value, SPECULATE_MODES)
 
 
 def parse_quantize(value: str) -> list[str | None]:
     """--quantize-experts: none, int8, int4 or several, comma-separated -> the modes (None: unquantized)."""
     from jaxmoe.expert_quant import QUANTIZE_MODES
 
-    modes = [m for m in value.split(",") if m]
-    bad = [m for m in modes if m != "none" and m not in QUANTIZE_MODES]
-    if bad or not modes:
-        raise JaxmoeError(f"--quantize-experts {value!r}: expected one or more of none, {', '.join(QUANTIZE_MODES)}")
-    return [None if m == "none" else m for m in dict.fromkeys(modes)]
+    return [None if m == "none" else m for m in parse_modes("--quantize-experts", value, ("none", *QUANTIZE_MODES))]
 
 
 def add_ratios(rows: list[dict], metric: str) -> None:

@@ -59,6 +59,7 @@ import numpy as np
 from bench.shapes import SHAPE_NAMES, describe, hf_config_dict, model_config
 from jaxmoe.errors import JaxmoeError, run_cli
 from jaxmoe.expert_quant import QUANTIZE_MODES
+from scheduler.expert_cache import COPIES_IN_FLIGHT
 from scheduler.speculation import MODES as SPECULATION_MODES, Speculation
 
 DEFAULT_POLICIES = ("on-demand", "lfu", "prefetch", "presched", "adaptive", "oracle")
@@ -611,10 +612,11 @@ def write_outputs(report: dict, out_dir: Path, plots: bool) -> None:
 
 def report_stem(report: dict) -> str:
     """sizes-SHAPE, with -int8 / -int4 for a run with quantized experts and -inflightN for a run with other
-    than 2 copies in flight (so it sits beside the default run)."""
+    than the default COPIES_IN_FLIGHT (so it sits beside the default run)."""
     settings = report.get("settings", {})
-    quantize, in_flight = settings.get("quantize_experts"), settings.get("copies_in_flight", 2)
-    return f"sizes-{report['shape']}" + (f"-{quantize}" if quantize else "") + (f"-inflight{in_flight}" if in_flight != 2 else "")
+    quantize, in_flight = settings.get("quantize_experts"), settings.get("copies_in_flight", COPIES_IN_FLIGHT)
+    return (f"sizes-{report['shape']}" + (f"-{quantize}" if quantize else "")
+            + (f"-inflight{in_flight}" if in_flight != COPIES_IN_FLIGHT else ""))
 
 
 def _json_default(x):
@@ -652,9 +654,9 @@ def markdown(report: dict) -> str:
               f"non-expert weights {_bytes(m['non_expert_bytes'])}, {_count(m['total_params'])} parameters (bfloat16)"
               + (f" — REDUCED: layers={reduced['layers']}, scale={reduced['scale']}" if reduced else ""), ""]
     quantize = report.get("settings", {}).get("quantize_experts")
-    in_flight = report.get("settings", {}).get("copies_in_flight", 2)
-    if in_flight != 2:
-        lines += [f"**Demand copies in flight: up to {in_flight}** (the default is 2)", ""]
+    in_flight = report.get("settings", {}).get("copies_in_flight", COPIES_IN_FLIGHT)
+    if in_flight != COPIES_IN_FLIGHT:
+        lines += [f"**Demand copies in flight: up to {in_flight}** (the default is {COPIES_IN_FLIGHT})", ""]
     if quantize:
         lines += [f"**Experts {quantize}** (jaxmoe.expert_quant): one expert moves and occupies "
                   f"{_bytes(report.get('moved_expert_bytes', 0))} (codes + float32 scales); cache fractions count slots, "
@@ -805,8 +807,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-experts", choices=QUANTIZE_MODES, default=None,
                    help="int8 / int4: routed experts moved and cached as codes + scales (writes sizes-SHAPE-int8.*; "
                         "the resident baseline stays unquantized: dequantized weights compute alike)")
-    p.add_argument("--copies-in-flight", type=int, default=2,
-                   help="demand expert copies the transfer thread keeps issued at most (prefetches: 2)")
+    p.add_argument("--copies-in-flight", type=int, default=COPIES_IN_FLIGHT,
+                   help=f"demand expert copies the transfer thread keeps issued at most "
+                        f"(prefetches: {COPIES_IN_FLIGHT})")
     p.add_argument("--skip-resident", action="store_true")
     p.add_argument("--time-budget", type=float, default=None, help="seconds: start no new run after this (per shape)")
     p.add_argument("--out", type=Path, default=None)

@@ -42,13 +42,6 @@ def load(path, dtype=None, quantize_experts=None, **offload_options):
 
         return OffloadEngine.load(path, dtype=dtype, tokenizer=load_tokenizer(path), quantize_experts=quantize_experts,
                                   **offload_options)
-    from jaxmoe.config import load_config
-    from jaxmoe.expert_quant import check_quantize
-
-    check_quantize(quantize_experts)
-    if quantize_experts is not None:
-        cfg = load_config(path)
-        check_quantize(quantize_experts, cfg.hidden_size, cfg.moe_intermediate_size)
     cfg, graphdef, state = load_resident(path, dtype=dtype, quantize_experts=quantize_experts)
     engine = ResidentEngine(cfg, graphdef, state, tokenizer=load_tokenizer(path))
     engine.quantize_experts = quantize_experts

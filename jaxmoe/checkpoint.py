@@ -23,7 +23,7 @@ from flax import nnx
 
 from jaxmoe.config import ModelConfig, load_config
 from jaxmoe.errors import JaxmoeError
-from jaxmoe.expert_quant import dequantize, quantize
+from jaxmoe.expert_quant import check_quantize, dequantize, quantize
 
 WEIGHTS_DIR = "weights"
 GLOBAL_KEYS = ("embed", "final_norm", "lm_head")
@@ -105,6 +105,7 @@ def load_resident(model_dir: Path, dtype=None, quantize_experts: str | None = No
     "int4": the routed experts are the dequantized weights an offloaded engine with the same option computes with."""
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
+    check_quantize(quantize_experts, cfg.hidden_size, cfg.moe_intermediate_size)
     graphdef, abstract_state = abstract_model(cfg, dtype)
     pure = abstract_state.to_pure_dict()
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

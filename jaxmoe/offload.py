@@ -38,7 +38,7 @@ from jaxmoe.model import ATTENTION_MODULES, lm_logits
 from jaxmoe.moe import GATHER_MAX_TOKENS, ExpertWeight, experts_bucketed, plan_buckets, routed_experts
 from predictors.base import FrequencyPredictor, GateLookaheadPredictor, PreviousTokenPredictor
 from scheduler.eviction import LFU, LRU, Belady, ExpectedReuse
-from scheduler.expert_cache import ExpertCache
+from scheduler.expert_cache import COPIES_IN_FLIGHT, ExpertCache
 from scheduler.link import EmulatedLink
 from scheduler.planners import Adaptive, NoPrefetch, OraclePlanner, PlanContext, PreSched, TopKPrefetch
 from scheduler.speculation import MODES as SPECULATION_MODES, Speculation, redo_fraction
@@ -297,12 +297,12 @@ class ExpertStore:
         total = sum(x.size * jnp.dtype(x.dtype).itemsize for a in abstract_experts.values() for x in jax.tree.leaves(a))
         layers = tqdm(abstract_experts.items(), desc="experts to host memory" + (f" ({quantize})" if quantize else ""),
                       unit="layer", disable=total < PROGRESS_MIN_BYTES, file=sys.stderr)
-        for layer, abstract in layers:
-            stack = restore_layer_experts(model_dir, layer, abstract, host)
-            arrays = {name: np.asarray(stack[name]) for name in EXPERT_NAMES}
-            del stack
-            pack = lambda e: pack_expert({n: arrays[n][e] for n in EXPERT_NAMES}, dtype, quantize)  # noqa: E731
-            with ThreadPoolExecutor(PACK_THREADS) as pool:  # numpy releases the GIL: experts pack in parallel
+        with ThreadPoolExecutor(PACK_THREADS) as pool:  # numpy releases the GIL: experts pack in parallel
+            for layer, abstract in layers:
+                stack = restore_layer_experts(model_dir, layer, abstract, host)
+                arrays = {name: np.asarray(stack[name]) for name in EXPERT_NAMES}
+                del stack
+                pack = lambda e: pack_expert({n: arrays[n][e] for n in EXPERT_NAMES}, dtype, quantize)  # noqa: E731
                 for e, packed in enumerate(pool.map(pack, range(cfg.num_experts))):
                     self.experts[(layer, e)] = jax.device_put(packed, host)
         self.expert_shapes = {n: (arrays[n].shape[1:], jnp.dtype(dtype)) for n in EXPERT_NAMES}
@@ -378,7 +378,7 @@ class OffloadEngine:
         self.slots = empty_slots(store.expert_shapes, num_slots, store.quantize)
         self._slots_lock = threading.Lock()  # guards replacing self.slots (donated) vs dispatching readers
         self.num_slots, self.link = num_slots, link
-        self._copies_in_flight = 2  # see `copies_in_flight`
+        self._copies_in_flight = COPIES_IN_FLIGHT  # see `copies_in_flight`
         self.moe_layer_ids = cfg.moe_layer_ids
         self.pos_of_layer = {layer: p for p, layer in enumerate(self.moe_layer_ids)}
         self._moe_layer_index = np.asarray(self.moe_layer_ids)
@@ -424,14 +424,14 @@ class OffloadEngine:
     @property
     def copies_in_flight(self) -> int:
         """How many expert copies the transfer thread keeps issued, at most, when they are demand copies
-        (prefetches: 2). Deeper helps where each copy has a fixed latency that overlaps with others (see
+        (prefetches: COPIES_IN_FLIGHT). Deeper helps where each copy has a fixed latency that overlaps with others (see
         `bench sizes`' burst bandwidth); on the CPU backend copies run one at a time anyway."""
         return self._copies_in_flight
 
     @copies_in_flight.setter
     def copies_in_flight(self, n: int) -> None:
-        if n < 2:
-            raise JaxmoeError(f"--copies-in-flight {n}: at least 2")
+        if n < COPIES_IN_FLIGHT:
+            raise JaxmoeError(f"--copies-in-flight {n}: at least {COPIES_IN_FLIGHT}")
         self._copies_in_flight = self.cache.copies_in_flight = n
 
     # -- construction ---------------------------------------------------------------------------
@@ -452,7 +452,6 @@ class OffloadEngine:
         link = EmulatedLink.parse(emulate_link) if emulate_link is not None else None
         if speculate not in SPECULATE_MODES:
             raise JaxmoeError(f"--speculate {speculate!r}: expected one of {', '.join(SPECULATE_MODES)}")
-        check_quantize(quantize_experts)
         cfg = load_config(model_dir)
         check_quantize(quantize_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         if not cfg.moe_layer_ids:

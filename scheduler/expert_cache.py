@@ -36,6 +36,7 @@ from scheduler.link import EmulatedLink
 from scheduler.slot_table import ExpertKey, SlotTable
 
 POLL_S = 0.05
+COPIES_IN_FLIGHT = 2  # copies issued and not landed, at most: the default, and always the limit for prefetches
 
 
 @dataclass
@@ -92,16 +93,17 @@ class SlotRequest:
 class ExpertCache:
     def __init__(self, num_slots: int, policy, load: Callable[[ExpertKey, int], None], expert_bytes: int,
                  link: EmulatedLink | None = None, key_shape: tuple[int, int] | None = None,
-                 copies_in_flight: int = 2):
+                 copies_in_flight: int = COPIES_IN_FLIGHT):
         self.table = SlotTable(num_slots, key_shape)
         self.policy = policy
         self.load = load
         self.expert_bytes = expert_bytes
         self.link = link
-        if copies_in_flight < 2:
-            raise ValueError(f"copies_in_flight {copies_in_flight}: at least 2 (one landing, the next issued)")
+        if copies_in_flight < COPIES_IN_FLIGHT:
+            raise ValueError(f"copies_in_flight {copies_in_flight}: at least {COPIES_IN_FLIGHT} "
+                             "(one landing, the next issued)")
         # copies issued and not yet landed, at most: demand copies fill up to this, a prefetch is issued
-        # only while fewer than 2 are in flight
+        # only while fewer than COPIES_IN_FLIGHT are in flight
         self.copies_in_flight = copies_in_flight
         self.stats = CacheStats()
         self.measured_bandwidth: float | None = None  # bytes/s, EMA over transfers
@@ -385,8 +387,9 @@ class ExpertCache:
         """Copies land one after another, but while one is on the link the next is already issued, so
         the link does not idle while this thread finishes one copy and starts the next. Demand copies are
         issued up to `copies_in_flight` deep (a fixed per-copy latency then overlaps with the copies
-        ahead); a prefetch only while fewer than two are in flight: queueing prefetches deeper would
-        commit the link to guesses that a demand transfer arriving meanwhile would have to wait for."""
+        ahead); a prefetch only while fewer than COPIES_IN_FLIGHT (2) are in flight: queueing prefetches
+        deeper would commit the link to guesses that a demand transfer arriving meanwhile would have to
+        wait for."""
         flying: deque[_Transfer] = deque()  # issued, oldest first
         done = 0.0
         try:
@@ -399,7 +402,7 @@ class ExpertCache:
                     flying.append(self._start_transfer(job, done))
                 while len(flying) < self.copies_in_flight:
                     with self._cond:
-                        job = self._next_transfer(wait=False, demand_only=len(flying) >= 2)
+                        job = self._next_transfer(wait=False, demand_only=len(flying) >= COPIES_IN_FLIGHT)
                     if job is None or job is _CLOSED:
                         break
                     flying.append(self._start_transfer(job, flying[-1].emulated_done or 0.0))
