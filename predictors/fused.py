@@ -102,12 +102,13 @@ class FusedLLaPor:
         if self.uses_current:  # the top-k of the logits, weighted by a softmax over them, as a dense [E]
             vals, top = jax.lax.top_k(r, self.top_k)
             features.append(jnp.zeros_like(r).at[top].set(jax.nn.softmax(vals)))
-        features = jnp.broadcast_to(jnp.concatenate(features), (self.horizon, sum(f.shape[0] for f in features)))
+        x = jnp.concatenate(features)
+        x = jnp.broadcast_to(x, (self.horizon, x.shape[0]))  # [H, F]
         if self.uses_lookahead:
             g = jnp.einsum("d,hde->he", h, p["kernels_ext"][pos + 1 + rows]) * h_scale  # [H, E], zero-mean
             g = g * jax.lax.rsqrt(jnp.mean(g * g, -1, keepdims=True) + NORM_EPS)
-            features = jnp.concatenate([features, g], 1)
-        u = features @ p["w_in"] + p["b_r"] + p["src_hor"][pos, : self.horizon]  # [H, D]
+            x = jnp.concatenate([x, g], 1)
+        u = x @ p["w_in"] + p["b_r"] + p["src_hor"][pos, : self.horizon]  # [H, D]
         if self.uses_history:
             u = u + state[p["tgt_layer"][pos, : self.horizon]]
         u = u * jax.lax.rsqrt(jnp.mean(u * u, -1, keepdims=True) + LN_EPS)  # zero-mean already
@@ -127,7 +128,11 @@ def fuse_llapor(predictor, horizon: int):
         raise JaxmoeError(f"LLaPor predictor was trained for horizon {cfg.horizon}, asked for {horizon}")
     pr = predictor
     # the input projections stacked in the order FusedLLaPor concatenates its features
-    w_in = [pr.c_w_h, pr.c_w_r] + [w for w in (pr.c_w_cur, pr.c_w_g if pr.kernels is not None else None) if w is not None]
+    w_in = [pr.c_w_h, pr.c_w_r]
+    if pr.c_w_cur is not None:
+        w_in.append(pr.c_w_cur)
+    if pr.kernels is not None:
+        w_in.append(pr.c_w_g)
     arrays = {"w_in": np.concatenate(w_in), "b_r": pr.c_b_r, "src_hor": pr.c_src_hor, "tgt_layer": pr.tgt_layer,
               "ln_scale": pr.ln_scale, "ln_bias": pr.ln_bias, "heads": pr.heads, "tgt_bias": pr.tgt_bias_of}
     for i, (w, b) in enumerate(pr.blocks):
