@@ -72,6 +72,8 @@ def run(args) -> int:
     # flags that need no model fail before it loads (seconds): the checks generate runs again later
     SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
     check_max_new_tokens(args.max_new_tokens)
+    if args.output_json is not None:
+        check_output_path(args.output_json)
     compile_cache.enable()
     if args.model is None:
         from jaxmoe.default_model import DEFAULT_PROMPT, default_model_dir
@@ -90,8 +92,6 @@ def run(args) -> int:
         prompt = args.prompt
     else:
         raise JaxmoeError("--prompt or --prompt-file is required with --model")
-    if args.output_json is not None and args.output_json.exists():
-        raise JaxmoeError(f"--output-json {args.output_json}: already exists; not overwriting it")
 
     offload = {k: v for k, v in dict(cache_slots=args.cache_slots, expert_cache_gb=args.expert_cache_gb,
                                      policy=args.policy, predictor=args.predictor,
@@ -134,10 +134,25 @@ def run(args) -> int:
             "text": tok.decode(result.generated_ids, skip_special_tokens=True),
             "stats": result.stats,
         }
+        args.output_json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.output_json.with_name(f".{args.output_json.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
         tmp.rename(args.output_json)
     return 0
+
+
+def check_output_path(path: Path) -> None:
+    """Refuses, before anything is generated, an --output-json that exists or could not be written: its
+    nearest existing ancestor must be a writable directory (missing parents are created at the end)."""
+    if path.exists() or path.is_symlink():
+        raise JaxmoeError(f"--output-json {path}: already exists; not overwriting it")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise JaxmoeError(f"--output-json {path}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise JaxmoeError(f"--output-json {path}: cannot write into {ancestor}")
 
 
 def main(argv=None) -> int:

@@ -150,6 +150,21 @@ def test_refuses_existing_output_json(model_dir, workdir):
     assert existing.read_text() == "precious\n"
 
 
+def test_output_json_in_a_new_directory(model_dir, workdir):
+    out = workdir / "new" / "deeper" / "run.json"
+    proc = cli(workdir, "--model", model_dir, "--prompt", "x", "--max-new-tokens", 2, "--output-json", out)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["prompt_ids"][0] == 1
+
+
+def test_refuses_output_json_under_a_file(model_dir, workdir):
+    blocker = workdir / "plain-file"
+    blocker.write_text("not a directory\n")
+    assert_refused(cli(workdir, "--model", model_dir, "--prompt", "x", "--output-json", blocker / "run.json"),
+                   "--output-json", "is not a directory")
+    assert blocker.read_text() == "not a directory\n"
+
+
 def test_refuses_missing_prompt_file(model_dir, workdir):
     assert_refused(cli(workdir, "--model", model_dir, "--prompt-file", workdir / "absent.txt"), "--prompt-file",
                    "absent.txt")
