@@ -108,7 +108,7 @@ def warm_up(engine, prompts, max_new_tokens: int) -> None:
     programs to compile inside the measured TTFT, 1.8-2.3 s for one prompt of six). An offloaded engine
     deciding for itself whether to run decode steps as one program (speculation "auto") warms that
     program up too: its first generation runs every step that way; later ones choose from measured costs."""
-    speculation = getattr(getattr(engine, "engine", engine), "speculation", None)  # a bench.sizes driver wraps one
+    speculation = getattr(engine, "speculation", None)  # resident engines have none
     if speculation is not None and speculation.mode == "auto":
         speculation.mode = "on"
         try:

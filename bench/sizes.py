@@ -227,6 +227,11 @@ class ReplayDriver:
         self.engine, self.replay = engine, replay
         self.index = {tuple(p): i for i, p in enumerate(prompts)}
 
+    @property
+    def speculation(self):
+        """The driven engine's decode-step mode (`scheduler.speculation.Speculation`), or None (resident)."""
+        return getattr(self.engine, "speculation", None)
+
     def generate(self, prompt, max_new_tokens, **kwargs):
         if self.replay is not None:
             self.replay.select(self.index[tuple(prompt)])

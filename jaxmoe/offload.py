@@ -685,6 +685,8 @@ class OffloadEngine:
                 self._row_scalars = [jax.device_put(np.int32(i), self.device_sharding) for i in range(len(self.moe_layer_ids))]
             self._scorer, self._scorer_params = self._fused
             self._scorer_state = self._scorer.init_state()
+        # looked up once per generation, not per decode step (the key holds a graph per layer)
+        self._whole_token_ran = self._whole_token_key() in _WHOLE_TOKEN_RAN
 
     def _scorer_args(self, layer: int, valid_rows: np.ndarray) -> dict:
         """moe_front's fused-predictor arguments for MoE layer `layer` ({} without one)."""
@@ -805,7 +807,7 @@ class OffloadEngine:
 
     def _should_speculate(self) -> bool:
         tokens_left = None if self._max_new_tokens is None else self._max_new_tokens - self._decode_steps
-        return self.speculation.should_speculate(tokens_left, self._whole_token_key() in _WHOLE_TOKEN_RAN)
+        return self.speculation.should_speculate(tokens_left, self._whole_token_ran)
 
     def _whole_token_key(self):
         """What `decode_token_over_slots` compiles for, as far as one engine's runs vary."""
@@ -842,7 +844,9 @@ class OffloadEngine:
                 self.globals["head"], token, positions, table, self.slots, forced, **scorer)
         if self._scorer is not None:
             self._scorer_state = scorer_state
-        _WHOLE_TOKEN_RAN.add(self._whole_token_key())
+        if not self._whole_token_ran:
+            _WHOLE_TOKEN_RAN.add(self._whole_token_key())
+            self._whole_token_ran = True
         summary = np.asarray(summary)  # the step's one device-to-host copy
         ids = summary[: num_pos * k].reshape(num_pos, k).astype(np.int32)
         missing = summary[num_pos * k : num_pos * k + num_pos] > 0
