@@ -2,7 +2,7 @@
 # The GPU measurements issue 7 still owes, in priority order, sized for a lent device (the `run` tool:
 # at most 10 minutes per command, 30 minutes per session). Run one step per call, from the repo root:
 #
-#     bash bench/gpu_suite.sh STEP        STEP = 1 .. 8
+#     bash bench/gpu_suite.sh STEP        STEP = 1 .. 9
 #
 # Results land in $OUT/results/<device>/ (default: /tmp/jaxmoe-gpu-suite), ready to copy into
 # bench/results/<device>/; re-draw plots here with `python -m bench sizes --plot-only FILE.json`.
@@ -21,9 +21,14 @@
 #   6  Mixtral-8x7B at 50%: the policies the last run's time budget cut (lfu, prefetch, presched, oracle)
 #   7  Qwen3-30B-A3B at 50%: on-demand / presched / oracle
 #   8  OLMoE-1B-7B and DeepSeek-V2-Lite: 10/25/50% cache, on-demand / presched / oracle, resident
+#   9  (run it second, after 1) Qwen3-30B-A3B at 10%: on-demand / presched. On the H100 (2026-11-23) presched
+#      decoded slower than on-demand there (2.25 vs 2.57 tok/s) with more hits, less stall and fewer bytes:
+#      ~110 ms/token more non-stall time. The table's "host CPU ms/tok: loop, transfers" column says
+#      whether that is the transfer thread's CPU (claims, copies, slot writes) taking the interpreter lock
+#      from the decode loop
 # SMOKE=1 shrinks every step to seconds (CPU check of the commands themselves).
 set -euo pipefail
-step="${1:?usage: bash bench/gpu_suite.sh STEP (1-8)}"
+step="${1:?usage: bash bench/gpu_suite.sh STEP (1-9)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 device="$(python -c 'from bench.policies import device_name; print(device_name())' 2>/dev/null)"
 out="${OUT:-/tmp/jaxmoe-gpu-suite}/results/$device"
@@ -54,6 +59,7 @@ case "$step" in
     sizes --shape olmoe-1b-7b --cache 0.1,0.25,0.5 "${three[@]}"
     sizes --shape deepseek-v2-lite --cache 0.1,0.25,0.5 "${three[@]}"
     ;;
-  *) echo "error: bench/gpu_suite.sh: unknown step '$step' (1-8)" >&2; exit 2 ;;
+  9) sizes --shape qwen3-30b-a3b --cache 0.1 --policies on-demand,presched --tokens 16 --skip-resident --out "$out/qwen3-10pct" ;;
+  *) echo "error: bench/gpu_suite.sh: unknown step '$step' (1-9)" >&2; exit 2 ;;
 esac
 ls -l "$out"

@@ -124,7 +124,7 @@ def measure_pass(engine, prompts, max_new_tokens: int) -> dict:
     """One measured pass over prompts[1:] -> its aggregate figures (`compile_s`: compilation inside it, 0
     when the warm-up covered every program)."""
     decode_s = tokens = stall = h2d = hits = requests = prefetches = prefetch_hits = ttft = whole = redone = 0.0
-    compile_s = 0.0
+    compile_s = main_cpu = transfer_cpu = 0.0
     for prompt in prompts[1:]:
         s = engine.generate(prompt, max_new_tokens).stats
         compile_s += s["compile_s"]
@@ -141,6 +141,8 @@ def measure_pass(engine, prompts, max_new_tokens: int) -> dict:
         prefetch_hits += cache.get("prefetch_hits", 0)
         whole += s.get("speculated_tokens", 0)
         redone += s.get("speculation_redone", 0)
+        main_cpu += s["decode_main_cpu_s"]
+        transfer_cpu += cache.get("transfer_cpu_s", 0.0)
     return {
         "decode_tokens_per_s": tokens / decode_s,
         "ttft_s": ttft / len(prompts[1:]),
@@ -151,6 +153,10 @@ def measure_pass(engine, prompts, max_new_tokens: int) -> dict:
         # decode steps run as one program, and those finished layer by layer after a miss (of all steps)
         "whole_token_fraction": whole / tokens,
         "whole_token_redone_fraction": redone / tokens,
+        # host CPU per decoded token: the decode loop's thread, and the expert-transfer thread (which
+        # shares the interpreter lock with it); ms
+        "main_cpu_ms_per_token": 1e3 * main_cpu / tokens,
+        "transfer_cpu_ms_per_token": 1e3 * transfer_cpu / tokens,
         "compile_s": compile_s,
     }
 
@@ -358,21 +364,29 @@ def whole_token_cell(row: dict) -> str:
     return f"{row['whole_token_fraction']:.2f} ({row['whole_token_redone_fraction']:.2f})"
 
 
+def host_cpu_cell(run: dict) -> str:
+    """The decode loop's and the transfer thread's CPU ms per token ("—" for results recorded before
+    they were measured)."""
+    if "main_cpu_ms_per_token" not in run:
+        return "—"
+    return f"{run['main_cpu_ms_per_token']:.3g}, {run['transfer_cpu_ms_per_token']:.3g}"
+
+
 def markdown_table(report: dict) -> str:
     lines = [f"# Policy comparison — {report['family']} ({report['experts']}) on {report['device']}", ""]
     if report["emulated_link"]:
         lines += [f"**EMULATED LINK**: {report['emulated_link']}", ""]
     res = report["resident"]
     lines += [f"Resident (all weights on device): {res['decode_tokens_per_s']:.1f} decode tok/s, TTFT {res['ttft_s'] * 1e3:.0f} ms", "",
-              "| cache | policy | decode tok/s | x on-demand | x oracle | hit rate | stall frac | prefetch prec | H2D MB/tok | TTFT ms | whole-token steps (redone) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| cache | policy | decode tok/s | x on-demand | x oracle | hit rate | stall frac | prefetch prec | H2D MB/tok | TTFT ms | whole-token steps (redone) | host CPU ms/tok: loop, transfers |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
     for r in report["runs"]:
         lines.append(
             f"| {r['cache_fraction']:.0%} ({r['cache_slots']}) | {policy_label(r)} | {r['decode_tokens_per_s']:.1f} | "
             f"{fmt(r['vs_on_demand'], '.2f')} | {fmt(r['vs_oracle'], '.2f')} | {r['hit_rate']:.3f} | "
             f"{r['stall_fraction']:.3f} | {fmt(r['prefetch_precision'], '.3f')} | {r['h2d_gb_per_token'] * 1e3:.3f} | "
-            f"{r['ttft_s'] * 1e3:.0f} | {whole_token_cell(r)} |")
+            f"{r['ttft_s'] * 1e3:.0f} | {whole_token_cell(r)} | {host_cpu_cell(r)} |")
     return "\n".join(lines) + "\n"
 
 

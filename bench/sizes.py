@@ -648,7 +648,7 @@ def _bytes(n) -> str:
 
 
 def markdown(report: dict) -> str:
-    from bench.policies import whole_token_cell
+    from bench.policies import host_cpu_cell, whole_token_cell
 
     m, dev = report["model"], report["device"]
     lines = [f"# Offloaded decode at real size — {report['shape']} on {dev['device']}", "",
@@ -691,13 +691,13 @@ def markdown(report: dict) -> str:
     peer = report.get("peer")
     if peer:
         lines += ["HF transformers + accelerate CPU offload: " + peer_summary(peer)]
-    lines += ["", "| cache | policy | decode tok/s | of bound | TTFT s | stall frac | hit rate | prefetch prec | H2D GB/tok | peak dev GB | whole-token steps (redone) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| cache | policy | decode tok/s | of bound | TTFT s | stall frac | hit rate | prefetch prec | H2D GB/tok | peak dev GB | whole-token steps (redone) | host CPU ms/tok: loop, transfers |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(f"| {r['cache_fraction']:.0%} ({r['cache_slots']}) | {r['policy']} | {r['decode_tokens_per_s']:.2f} | "
                      f"{r['fraction_of_bound']:.2f} | {r['ttft_s']:.3f} | {r['stall_fraction']:.3f} | {r['hit_rate']:.3f} | "
                      f"{_fmt(r['prefetch_precision'], '.3f')} | {r['h2d_gb_per_token']:.4g} | {r['peak_device_bytes'] / 1e9:.4g} | "
-                     f"{whole_token_cell(r)} |")
+                     f"{whole_token_cell(r)} | {host_cpu_cell(r)} |")
     if report["bounds"]:
         lines += ["", "Bound (Belady-minimal transfers, warm cache; pinned bandwidth; compute floor):", "",
                   "| cache | slots | min H2D GB/tok | limited by | bound tok/s | per-token bound tok/s |", "|---|---|---|---|---|---|"]

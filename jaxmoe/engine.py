@@ -162,7 +162,7 @@ def generate_loop(runner: StepRunner, cfg: ModelConfig, prompt_ids, max_new_toke
     ttft_compile = compile_seconds() - compile0
     if on_token:
         on_token(generated[-1])
-    t1 = time.perf_counter()
+    t1, cpu1 = time.perf_counter(), time.thread_time()
     for step in range(1, max_new_tokens):
         if generated[-1] in cfg.eos_token_ids:
             break
@@ -171,6 +171,7 @@ def generate_loop(runner: StepRunner, cfg: ModelConfig, prompt_ids, max_new_toke
         if on_token:
             on_token(generated[-1])
     decode_s = time.perf_counter() - t1
+    decode_cpu_s = time.thread_time() - cpu1
     decoded = len(generated) - 1
     stats = {
         "prompt_tokens": n,
@@ -179,6 +180,9 @@ def generate_loop(runner: StepRunner, cfg: ModelConfig, prompt_ids, max_new_toke
         "prefill_tokens_per_s": n / ttft,
         "decode_tokens_per_s": decoded / decode_s if decoded else 0.0,
         "decode_s": decode_s,
+        # CPU time of the thread that ran the decode loop (dispatch, host bookkeeping, planning; not the
+        # time it waited): with decode_s, how busy the host kept it
+        "decode_main_cpu_s": decode_cpu_s,
         # XLA compilation inside this run (first runs of new shapes; loading from the persistent cache
         # otherwise): TTFT and decode tok/s of a first run include it
         "compile_s": compile_seconds() - compile0,

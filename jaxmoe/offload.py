@@ -894,7 +894,7 @@ class OffloadEngine:
         base = self._decode_base or {k: 0 for k in total}
         run_start = self._run_base if self._decode_base else base
         counters = ("hits", "late_hits", "misses", "prefetches", "prefetch_hits", "wasted_prefetch_bytes", "h2d_bytes",
-                    "stall_s", "link_busy_s")
+                    "stall_s", "link_busy_s", "transfer_cpu_s")
         decode = {k: total[k] - base[k] for k in counters}
         prefill = {k: base[k] - run_start[k] for k in counters}
         requests = decode["hits"] + decode["late_hits"] + decode["misses"]

@@ -50,6 +50,7 @@ class CacheStats:
     h2d_bytes: int = 0
     stall_s: float = 0.0  # main-thread wall time waiting for expert transfers
     link_busy_s: float = 0.0  # transfer-thread time spent copying
+    transfer_cpu_s: float = 0.0  # transfer-thread CPU time (issuing copies, slot writes, claims, bookkeeping)
     hits_per_layer: Counter = field(default_factory=Counter)
     misses_per_layer: Counter = field(default_factory=Counter)
     h2d_bytes_per_layer: Counter = field(default_factory=Counter)
@@ -69,7 +70,7 @@ class CacheStats:
             "prefetches": self.prefetches, "prefetch_hits": self.prefetch_hits,
             "prefetch_precision": self.prefetch_hits / self.prefetches if self.prefetches else 0.0,
             "wasted_prefetch_bytes": self.wasted_prefetch_bytes, "h2d_bytes": self.h2d_bytes,
-            "stall_s": self.stall_s, "link_busy_s": self.link_busy_s,
+            "stall_s": self.stall_s, "link_busy_s": self.link_busy_s, "transfer_cpu_s": self.transfer_cpu_s,
             "hits_per_layer": per_layer(self.hits_per_layer), "misses_per_layer": per_layer(self.misses_per_layer),
             "h2d_bytes_per_layer": per_layer(self.h2d_bytes_per_layer),
         }
@@ -358,6 +359,12 @@ class ExpertCache:
             emulated_done = max(t0, link_free_at) + self.link.transfer_s(self.expert_bytes)
         return _Transfer(key, slot, is_prefetch, t0, landed, emulated_done)
 
+    def _count_cpu(self) -> None:
+        """Adds this (transfer) thread's CPU time since the last call to the stats. Holds the lock."""
+        now = time.thread_time()
+        self.stats.transfer_cpu_s += now - self._cpu_mark
+        self._cpu_mark = now
+
     def _finish_transfer(self, transfer: _Transfer, previous_done: float) -> float:
         """Waits until `transfer` has landed, then makes its slot usable -> when it landed."""
         if transfer.landed is not None:
@@ -380,6 +387,7 @@ class ExpertCache:
                 if not self.table.pinned_mask[slot]:
                     self._prefetched_unused.add(key)
             self._in_flight.discard(slot)
+            self._count_cpu()
             self._cond.notify_all()
         return done
 
@@ -392,10 +400,12 @@ class ExpertCache:
         wait for."""
         flying: deque[_Transfer] = deque()  # issued, oldest first
         done = 0.0
+        self._cpu_mark = time.thread_time()
         try:
             while True:
                 if not flying:
                     with self._cond:
+                        self._count_cpu()  # before an idle wait: what the last landing left uncounted
                         job = self._next_transfer()
                     if job is _CLOSED:
                         return

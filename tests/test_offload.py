@@ -139,6 +139,11 @@ def test_stats_with_minimum_cache(policy, resident):
     assert stats["prefill_h2d_bytes"] > 0
     for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s", "peak_device_bytes"):
         assert stats[key] > 0
+    # host CPU: the decode loop's thread busy for part of the decode's wall time; the transfer thread's
+    # time issuing the copies counted in the decode window
+    assert 0 < stats["decode_main_cpu_s"] <= stats["decode_s"] * 1.05 + 0.01
+    assert stats["decode_cache"]["transfer_cpu_s"] > 0
+    assert stats["cache"]["transfer_cpu_s"] >= stats["decode_cache"]["transfer_cpu_s"]
 
 
 def test_flag_errors(resident):
