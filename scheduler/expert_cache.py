@@ -108,7 +108,12 @@ class ExpertCache:
         self.copies_in_flight = copies_in_flight
         self.stats = CacheStats()
         self.measured_bandwidth: float | None = None  # bytes/s, EMA over transfers
-        self._cond = threading.Condition()
+        lock = threading.RLock()  # over everything below
+        self._cond = threading.Condition(lock)  # the transfer thread waits on it for work
+        # the decode loop waits on this one for its own copies: woken when the last of them lands (`_awaited`),
+        # not at every landing (at 7 demand copies per layer, each wake-up cost it CPU and the interpreter lock)
+        self._landed = threading.Condition(lock)
+        self._awaited: set[int] = set()  # slots `wait_for` waits for that have not landed yet
         self._in_flight: set[int] = set()  # slots whose copy has not landed yet
         self._demand: deque[tuple[ExpertKey, int]] = deque()
         self._pending: deque[ExpertKey] = deque()
@@ -211,10 +216,12 @@ class ExpertCache:
         """Blocks until every transfer `request` needs has landed (the stall), then marks its keys used."""
         if request.waits:
             t0 = time.perf_counter()
-            with self._cond:  # the transfer thread notifies after each landing; the slots stay pinned
+            with self._cond:  # the slots stay pinned; the transfer thread notifies when the last one lands
+                self._awaited = {slot for slot in request.waits if slot in self._in_flight}
                 while any(slot in self._in_flight for slot in request.waits):
                     self._raise_if_failed()
-                    self._cond.wait(POLL_S)
+                    self._landed.wait(POLL_S)
+                self._awaited = set()
             self.stats.stall_s += time.perf_counter() - t0
             self._raise_if_failed()
         self.policy.touch_many(request.layers, request.experts)
@@ -290,8 +297,25 @@ class ExpertCache:
 
     # -- shared helpers (caller holds the lock) ------------------------------------------------------
     def _claim_slot(self, key: ExpertKey, protect) -> int | None:
-        """A free slot, or the victim among slots neither pinned, in flight nor protected; assigns key."""
-        return self._claim_slots([key], protect)[0]
+        """A free slot, or the victim among slots neither pinned, in flight nor protected; assigns key.
+        The same slot as `_claim_slots([key], protect)`, from the policy's `victim` (no full ranking)."""
+        slot = self.table.first_free()
+        if slot is None:
+            candidates = self.table.candidates(protect, busy=self._in_flight)
+            if not len(candidates):
+                return None
+            slot = self.policy.victim(self.table, candidates)
+        return self._assign_claimed(key, slot)
+
+    def _assign_claimed(self, key: ExpertKey, slot: int) -> int:
+        """Puts `key` in `slot` (free or the victim), counting an unused prefetch it evicts, and marks the
+        slot in flight -> slot."""
+        evicted = self.table.assign(key, slot)
+        if evicted is not None and evicted in self._prefetched_unused:
+            self._prefetched_unused.discard(evicted)
+            self.stats.wasted_prefetch_bytes += self.expert_bytes
+        self._in_flight.add(slot)
+        return slot
 
     def _claim_slots(self, keys: list[ExpertKey], protect) -> list[int | None]:
         """`_claim_slot` for each key in turn (None where no slot can be freed), with one eviction ranking
@@ -307,12 +331,7 @@ class ExpertCache:
                 if slot is None:
                     out.append(None)
                     continue
-            evicted = self.table.assign(key, slot)
-            if evicted is not None and evicted in self._prefetched_unused:
-                self._prefetched_unused.discard(evicted)
-                self.stats.wasted_prefetch_bytes += self.expert_bytes
-            self._in_flight.add(slot)
-            out.append(slot)
+            out.append(self._assign_claimed(key, slot))
         return out
 
     def _raise_if_failed(self) -> None:
@@ -388,7 +407,11 @@ class ExpertCache:
                     self._prefetched_unused.add(key)
             self._in_flight.discard(slot)
             self._count_cpu()
-            self._cond.notify_all()
+            if slot in self._awaited:
+                self._awaited.discard(slot)
+                if not self._awaited:
+                    self._landed.notify()
+            self._cond.notify_all()  # a claim waiting for any slot to free up (rare)
         return done
 
     def _run(self) -> None:
@@ -421,6 +444,7 @@ class ExpertCache:
             with self._cond:
                 self._error = e
                 self._cond.notify_all()
+                self._landed.notify_all()
 
 
 _CLOSED = object()

@@ -147,6 +147,28 @@ def test_expected_reuse_prefers_frequent_and_predicted_experts():
     assert policy.victim(t) != 1
 
 
+@pytest.mark.parametrize("name", ["lru", "lfu", "reuse", "belady"])
+def test_victim_is_the_first_of_the_ranking(name):
+    """`victim` (one claim: no full ranking) picks what `ranked(...)[0]` does, ties included: repeated
+    stamps, scores and use counts, predictions inside the horizon, any running position."""
+    rng = np.random.default_rng(2)
+    layers = [3, 5, 8, 9]
+    keys = [(layer, e) for layer in layers for e in range(8)]
+    t = filled_table(keys)
+    future = [{keys[i] for i in rng.choice(32, 3, replace=False)} for _ in range(60)]
+    policy = {"lru": LRU(), "lfu": LFU(), "belady": Belady(future),
+              "reuse": ExpectedReuse({layer: pos for pos, layer in enumerate(layers)}, num_experts=8, top_k=2)}[name]
+    for step in range(50):
+        pos = step % 4
+        if step % 3:  # leave some keys never touched, and stamps of keys touched together in order
+            policy.touch_many(layers[pos], rng.permutation(8)[:2])
+        policy.observe(pos, np.bincount(rng.choice(8, 2, replace=False), minlength=8) / 1.0)
+        policy.set_predictions({layers[(pos + 1) % 4]: rng.choice([0.0, 0.5, 1.0], 8).astype(np.float32)})
+        policy.at_step((pos + 1) % 4, step)
+        candidates = np.sort(rng.choice(32, 10, replace=False))
+        assert policy.victim(t, candidates) == int(policy.ranked(t, candidates)[0])
+
+
 def test_expected_reuse_misses_fewer_than_lru_on_skewed_routing(make_cache):
     """A Zipf-like routing stream at one layer: LRU thrashes on the tail, expected reuse keeps the head."""
     rng = np.random.default_rng(0)
