@@ -73,9 +73,8 @@ class LRU:
 
     def victim(self, table: SlotTable, candidates=None) -> int:
         """candidates: slot indices (int array or list; default every evictable slot) -> the slot to reuse:
-        `ranked(...)[0]` without ranking the rest (ties go to the first candidate)."""
-        candidates = _candidates(table, candidates)
-        return int(candidates[np.argmin(self.stamps(table, candidates))])  # argmin: the first of equals
+        `ranked(...)[0]` (ties go to the first candidate)."""
+        return int(self.ranked(table, _candidates(table, candidates))[0])
 
     def ranked(self, table: SlotTable, candidates: np.ndarray) -> np.ndarray:
         """candidates int[C] -> the same slots, the one to reuse first first (ties: candidate order). Taking
@@ -105,9 +104,6 @@ class LFU(LRU):
     def ranked(self, table: SlotTable, candidates: np.ndarray) -> np.ndarray:
         uses = lookup_or(self._count, table.slot_layer[candidates], table.slot_expert[candidates], 0)
         return candidates[np.lexsort((self.stamps(table, candidates), uses))]  # fewest uses, then oldest
-
-    def victim(self, table: SlotTable, candidates=None) -> int:
-        return int(self.ranked(table, _candidates(table, candidates))[0])
 
 
 class ExpectedReuse(LRU):
@@ -231,9 +227,6 @@ class Belady(LRU):
         order = sorted(candidates.tolist(), key=lambda s: (-upcoming.get(table.key_in_slot[s], never),
                                                            self.last_use(table.key_in_slot[s])))
         return np.asarray(order, np.int64)
-
-    def victim(self, table: SlotTable, candidates=None) -> int:
-        return int(self.ranked(table, _candidates(table, candidates))[0])
 
 
 EVICTION_POLICIES = {"on-demand": LRU, "lfu": LFU}
