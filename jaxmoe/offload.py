@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from jaxmoe.checkpoint import abstract_model, restore_layer_experts, restore_piece, split_layer, with_sharding
 from jaxmoe.config import ModelConfig, load_config
-from jaxmoe.engine import SamplingParams, compile_seconds, device_peak_bytes, flat_state, generate_loop, tree_bytes
+from jaxmoe.engine import SamplingParams, compile_seconds, device_peak_bytes, flat_state, generate_loop, position_array, tree_bytes
 from jaxmoe.errors import JaxmoeError
 from jaxmoe.expert_quant import QuantizedStack, check_quantize, quantize, quantized_shapes
 from jaxmoe.inplace import update_row
@@ -775,7 +775,7 @@ class OffloadEngine:
         self._position = position
         start, compiled = time.perf_counter(), compile_seconds()
         self._time_last_token(start, compiled)
-        positions = jnp.array([[position]], jnp.int32)
+        positions = position_array(position, (1, 1))
         self._decode_steps += 1
         can_speculate = self._can_speculate()
         if can_speculate and self._should_speculate():
