@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.inplace import update_in_dim
-from jaxmoe.layers import RMSNorm, linear, normal_param
+from jaxmoe.layers import RMSNorm, device_zeros, linear, normal_param
 from jaxmoe.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 
@@ -75,7 +75,7 @@ class GQAttention(nnx.Module):
     def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict:
         """{'k', 'v'}: [B, max_len, kv_heads, head_dim] zeros."""
         shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        return {"k": device_zeros(shape, dtype), "v": device_zeros(shape, dtype)}
 
     def __call__(self, x, cache: dict, positions):
         """x: [B, T, d]; positions: int32[B, T] -> ([B, T, d], updated cache)."""

@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxmoe.attention import causal_attention, write_cache
 from jaxmoe.config import ModelConfig
-from jaxmoe.layers import RMSNorm, linear, normal_param
+from jaxmoe.layers import RMSNorm, device_zeros, linear, normal_param
 from jaxmoe.rope import apply_rope, rope_cos_sin, rope_inv_freq, yarn_mscale
 
 LORA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the RMSNorm default, not config.rms_norm_eps
@@ -117,8 +117,8 @@ class MLAttention(nnx.Module):
     def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict:
         """{'c_kv': [B, max_len, kv_lora_rank] (normed latent), 'k_pe': [B, max_len, qk_rope_head_dim] (roped)}."""
         return {
-            "c_kv": jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype),
-            "k_pe": jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype),
+            "c_kv": device_zeros((batch, max_len, cfg.kv_lora_rank), dtype),
+            "k_pe": device_zeros((batch, max_len, cfg.qk_rope_head_dim), dtype),
         }
 
     def _bias(self, name):
