@@ -484,6 +484,7 @@ class ReplayLookahead:
         self.num_positions = len(replay.pos_of_layer)
         self.horizon = horizon
         self._ranked: dict[int, np.ndarray] = {}
+        self._scores: dict[int, np.ndarray] = {}
 
     def reset(self) -> None:
         pass
@@ -512,13 +513,22 @@ class ReplayLookahead:
             self._ranked[index] = out
         return self._ranked[index]
 
+    def scores(self, index: int) -> np.ndarray:
+        """float32 [T, L, horizon, E], read-only: `ranked(index)` as scores (2k, 2k - 1, ..., 1 down the
+        ranking, 0 elsewhere), built once per prompt so that `predict` is a lookup."""
+        if index not in self._scores:
+            ranked = self.ranked(index)
+            t_len, num_pos, horizon, width = ranked.shape
+            scores = np.zeros((t_len, num_pos, horizon, self.num_experts), np.float32)
+            np.put_along_axis(scores, ranked.astype(np.int64),
+                              np.broadcast_to(np.arange(width, 0, -1, dtype=np.float32), ranked.shape), axis=3)
+            scores.flags.writeable = False
+            self._scores[index] = scores
+        return self._scores[index]
+
     def predict(self, pos, hidden, router_logits, horizon):
-        ranked = self.ranked(self.replay.current)
-        row = ranked[min(self.replay.last_position, len(ranked) - 1), pos, :horizon]  # [H, 2k]
-        scores = np.zeros((horizon, self.num_experts), np.float32)
-        width = row.shape[1]
-        scores[np.arange(horizon)[:, None], row] = np.arange(width, 0, -1, dtype=np.float32)
-        return scores
+        scores = self.scores(self.replay.current)
+        return scores[min(self.replay.last_position, len(scores) - 1), pos, :horizon]  # [H, E]
 
 
 class AllHits:

@@ -382,6 +382,7 @@ class OffloadEngine:
         self.moe_layer_ids = cfg.moe_layer_ids
         self.pos_of_layer = {layer: p for p, layer in enumerate(self.moe_layer_ids)}
         self._moe_layer_index = np.asarray(self.moe_layer_ids)
+        self._ahead_rows: dict[tuple[int, int], np.ndarray] = {}  # (pos, horizon) -> int[H] (`_plan_prefetch`)
         if policy in PREDICTOR_POLICIES and predictor is None:
             predictor = self.build_predictor("gate-lookahead")
         self.predictor = predictor if policy in PREDICTOR_POLICIES else None
@@ -645,10 +646,12 @@ class OffloadEngine:
         transfer_s = self.store.expert_bytes / bandwidth if bandwidth else 1e-4
         if self.link is not None:
             transfer_s = max(transfer_s, self.link.transfer_s(self.store.expert_bytes))
+        rows = self._ahead_rows.get((pos, planner.horizon))
+        if rows is None:  # the layers of positions pos + 1 .. pos + H, built once per (pos, H)
+            rows = self._ahead_rows[(pos, planner.horizon)] = self._moe_layer_index[PlanContext.ahead(pos, num_pos, planner.horizon)]
         ctx = PlanContext(step=len(self._requests) - 1, pos=pos, num_positions=num_pos, layer_of_pos=self.moe_layer_ids,
                           top_k=self.cfg.num_experts_per_tok, num_slots=self.num_slots, scores=scores,
-                          resident=self.cache.resident_mask(self._moe_layer_index[PlanContext.ahead(pos, num_pos, planner.horizon)]),
-                          transfer_s=transfer_s,
+                          resident=self.cache.resident_mask(rows), transfer_s=transfer_s,
                           layer_compute_s=self._layer_compute_s or transfer_s)
         keys, protect = planner.plan(ctx)
         self.cache.prefetch(keys, protect)

@@ -79,9 +79,10 @@ def link_reach(probs_absent: np.ndarray, absent: np.ndarray, transfer_s: float, 
     if len(probs_absent) <= 1:
         return 1
     ratio = max(transfer_s, 1e-9) / max(compute_s, 1e-9)
-    needs = np.cumsum((probs_absent * absent).sum(axis=1)) * ratio
-    h = 1
-    while h < len(needs) and needs[h - 1] < h:
+    expected = (probs_absent * absent).sum(axis=1).tolist()  # [H] transfers each layer is expected to need
+    h, needs = 1, expected[0] * ratio
+    while h < len(expected) and needs < h:  # needs: the link time layers 1..h need, in layers of compute
+        needs += expected[h] * ratio
         h += 1
     return h
 
@@ -110,24 +111,39 @@ class _Feedback:
     - `use_probability`: after each plan, {layer: float32[E]} — every expert's calibrated probability of
       being used at the next occurrence of each MoE layer inside the horizon (for
       `scheduler.eviction.ExpectedReuse`).
+
+    Cost: this runs at every MoE layer of every token, where a numpy call costs a few µs whatever its size
+    (128 experts), so the counting is batched: each plan's rankings are kept in a buffer row of the position
+    that planned them, `feedback` only queues which ranking an outcome scores, and every FLUSH_EVERY outcomes
+    (or before a buffer row still queued is replanned) one vectorized pass updates the counts, the recall and
+    the probabilities, which are cached between passes. The calibration lags by at most FLUSH_EVERY outcomes
+    (under a token at the real shapes) and converges over thousands. `flush()` applies the queue now.
     """
+
+    FLUSH_EVERY = 32
 
     def __init__(self):
         self.recall = 0.8  # prior until measured
         self.used = self.seen = None  # float64[H, E] / [H, 1]: rank counts, allocated on the first plan
         self.used_absent = self.seen_absent = None  # the same over experts not resident when ranked
-        # the rankings awaiting feedback, by target position and horizon (allocated on the first plan):
-        self.ranked = None  # int[P, H, E] experts best first
+        # the rankings of the last plan made at each MoE position (allocated on the first plan):
+        self.ranked = None  # int64[P, H, E] experts best first, per horizon
         self.ranked_absent = None  # bool[P, H, E] whether each was absent from the cache when ranked
-        self.pending = None  # bool[P, H] a ranking is waiting for its target to run
+        # per target position and horizon, the position whose plan ranked it, awaiting its outcome (or None)
+        self.waiting: list[list[int | None]] | None = None
+        self.queued: list[tuple[int, int, np.ndarray]] = []  # outcomes: (planning position, horizon j, used)
+        self._queued_from: set[int] = set()  # planning positions the queue refers to
         self.use_probability: dict[int, np.ndarray] = {}
+        self._probabilities: dict = {}  # (top_k, absent) -> float32[H, E]; ("lists", top_k) -> `_top_rank_lists`
 
     def _allocate(self, num_positions: int, num_experts: int) -> None:
         self.used, self.seen = np.zeros((MAX_HORIZON, num_experts)), np.zeros((MAX_HORIZON, 1))
         self.used_absent, self.seen_absent = np.zeros_like(self.used), np.zeros_like(self.used)
         self.ranked = np.zeros((num_positions, MAX_HORIZON, num_experts), np.int64)
         self.ranked_absent = np.zeros((num_positions, MAX_HORIZON, num_experts), bool)
-        self.pending = np.zeros((num_positions, MAX_HORIZON), bool)
+        self.waiting = [[None] * MAX_HORIZON for _ in range(num_positions)]
+        self.queued, self._queued_from = [], set()
+        self._probabilities = {}
         self._rows = np.arange(MAX_HORIZON)[:, None]
 
     def remember(self, ctx: PlanContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -135,52 +151,92 @@ class _Feedback:
         `rank_probabilities(top_k)` float32[H, E], absent bool[H, E]: whether each ranked expert is out
         of the cache)."""
         horizon, num_experts = ctx.scores.shape
-        if self.ranked is None or self.ranked.shape[0] != ctx.num_positions or self.used.shape[1] != num_experts:
+        if self.waiting is None or len(self.waiting) != ctx.num_positions or self.used.shape[1] != num_experts:
             self._allocate(ctx.num_positions, num_experts)
         self.top_k = ctx.top_k
+        pos, num_positions, waiting = ctx.pos, ctx.num_positions, self.waiting
+        if pos in self._queued_from:  # the queue still needs this position's last rankings
+            self.flush()
         orders = np.argsort(-ctx.scores, axis=1, kind="stable")
         probs = self.rank_probabilities(ctx.top_k, horizon=horizon)
-        targets = PlanContext.ahead(ctx.pos, ctx.num_positions, horizon)
-        absent = ~ctx.resident[self._rows[:horizon], orders]
+        rows = self._rows[:horizon]
+        absent = ~ctx.resident[rows, orders]
+        self.ranked[pos, :horizon] = orders
+        self.ranked_absent[pos, :horizon] = absent
         by_expert = np.empty_like(probs)
-        by_expert[self._rows[:horizon], orders] = probs
+        by_expert[rows, orders] = probs
         use_probability = {}
-        for j, target in enumerate(targets):  # a few horizons: basic indexing, no fancy-index setup
-            self.ranked[target, j] = orders[j]
-            self.ranked_absent[target, j] = absent[j]
-            self.pending[target, j] = True
-            if j < ctx.num_positions - 1:  # a layer further than one token ahead is not its next occurrence
+        for j in range(horizon):
+            target = (pos + j + 1) % num_positions
+            waiting[target][j] = pos
+            if j < num_positions - 1:  # a layer further than one token ahead is not its next occurrence
                 use_probability[ctx.layer_of_pos[target]] = by_expert[j]
         self.use_probability = use_probability
         return orders, probs, absent
 
     def feedback(self, pos: int, experts) -> None:
-        """The experts MoE position `pos` really routed to (int[n], distinct): updates the running recall of
-        the horizon-1 top-k and the rank counts of every ranking that targeted it."""
-        if self.pending is None:
+        """The experts MoE position `pos` really routed to (int[n], distinct): queues the outcome of every
+        ranking that targeted it, for the running recall of the horizon-1 top-k and the rank counts."""
+        if self.waiting is None:
             return
-        pending = self.pending[pos]
-        rows = [j for j, waiting in enumerate(pending.tolist()) if waiting]
-        if not rows:
+        waiting = self.waiting[pos]
+        for j, source in enumerate(waiting):
+            if source is not None:
+                self.queued.append((source, j, experts))
+                self._queued_from.add(source)
+                waiting[j] = None
+        if len(self.queued) >= self.FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        """Counts the queued outcomes (a few numpy calls for all of them) and drops the cached probabilities."""
+        queued, self.queued = self.queued, []
+        self._queued_from = set()
+        if not queued:
             return
-        pending[:] = False
-        mask = np.zeros(self.used.shape[1], bool)
-        mask[experts] = True
-        for j in rows:  # a few horizons: basic indexing, in place
-            hit = mask[self.ranked[pos, j]]
-            if j == 0:  # the horizon-1 top-k's share of what was used
-                self.recall = 0.9 * self.recall + 0.1 * int(hit[: self.top_k].sum()) / len(experts)
-            absent = self.ranked_absent[pos, j]
-            self.used[j] += hit
-            self.seen[j] += 1  # every rank was seen
-            self.used_absent[j] += hit & absent
-            self.seen_absent[j] += absent
+        sources = np.array([q[0] for q in queued])
+        horizons = np.array([q[1] for q in queued])
+        orders = self.ranked[sources, horizons]  # [n, E] experts best first
+        absent = self.ranked_absent[sources, horizons]  # [n, E] by rank
+        counts = np.array([len(q[2]) for q in queued])
+        n, num_experts = orders.shape
+        offsets = np.arange(0, n * num_experts, num_experts)
+        mask = np.zeros(n * num_experts, bool)  # [n * E] by expert: used
+        mask[np.concatenate([q[2] for q in queued]) + np.repeat(offsets, counts)] = True
+        hit = mask[orders + offsets[:, None]]  # [n, E] by rank: the ranked expert was used
+        of_horizon = (self._rows == horizons).astype(np.float64)  # [H, n]: which horizon each outcome scores
+        self.used += of_horizon @ hit
+        self.seen += of_horizon.sum(axis=1, keepdims=True)  # every rank was seen
+        self.used_absent += of_horizon @ (hit & absent)
+        self.seen_absent += of_horizon @ absent
+        first = np.flatnonzero(horizons == 0)
+        if len(first):  # the horizon-1 top-k's share of what was used, as a running mean in order
+            recall = self.recall
+            for share in (hit[first, : self.top_k].sum(axis=1) / counts[first]).tolist():
+                recall = 0.9 * recall + 0.1 * share
+            self.recall = recall
+        self._probabilities = {}
 
     def rank_probabilities(self, top_k: int, absent: bool = False, horizon: int = MAX_HORIZON) -> np.ndarray:
         """float32[horizon, E]: calibrated P(used) of the expert at each rank, per horizon 1..horizon
-        (absent: of one that is not resident)."""
-        used, seen = (self.used_absent, self.seen_absent) if absent else (self.used, self.seen)
-        return ((used[:horizon] + self._prior(top_k)[:horizon]) / (seen[:horizon] + 2)).astype(np.float32)
+        (absent: of one that is not resident). Read-only: cached until the next `flush`."""
+        cached = self._probabilities.get((top_k, absent))
+        if cached is None:
+            used, seen = (self.used_absent, self.seen_absent) if absent else (self.used, self.seen)
+            cached = ((used + self._prior(top_k)) / (seen + 2)).astype(np.float32)
+            cached.flags.writeable = False
+            self._probabilities[(top_k, absent)] = cached
+        return cached[:horizon]
+
+    def _top_rank_lists(self, top_k: int) -> tuple[list, list]:
+        """`rank_probabilities` of every and of absent experts over the ranks below 2k, as lists [H][2k]:
+        cached with the probabilities (until the next `flush`)."""
+        cached = self._probabilities.get(("lists", top_k))
+        if cached is None:
+            cached = (self.rank_probabilities(top_k)[:, : 2 * top_k].tolist(),
+                      self.rank_probabilities(top_k, absent=True)[:, : 2 * top_k].tolist())
+            self._probabilities[("lists", top_k)] = cached
+        return cached
 
     def _prior(self, top_k: int) -> np.ndarray:
         """float64[H, E]: the prior P(used) by rank: 0.85 in the top-k, 0.25 up to 2k, top_k/E * 0.25 beyond,
@@ -253,30 +309,35 @@ class PreSched(_Feedback):
 
     def plan(self, ctx: PlanContext):
         k = ctx.top_k
-        orders, probs, absent = self.remember(ctx)
-        p_absent_all = self.rank_probabilities(k, absent=True, horizon=len(orders))
-        horizon = link_reach(p_absent_all, absent, ctx.transfer_s, ctx.layer_compute_s)
+        orders, _, absent = self.remember(ctx)
+        horizon = len(orders)
+        if horizon > 1:
+            horizon = link_reach(self.rank_probabilities(k, absent=True, horizon=horizon), absent, ctx.transfer_s,
+                                 ctx.layer_compute_s)
         # the top 2k of each horizon as lists: a few dozen entries, cheaper in Python than in numpy calls
         top = orders[:horizon, : 2 * k].tolist()  # [H][2k]
         top_absent = absent[:horizon, : 2 * k].tolist()
-        p_used = probs[:horizon, : 2 * k].tolist()
-        p_absent = p_absent_all[:horizon, : 2 * k].tolist()
+        p_used, p_absent = self._top_rank_lists(k)  # [H][2k] each
         protect, candidates = set(), []
         for j in range(horizon):
-            for r, expert in enumerate(top[j]):
-                if not top_absent[j][r]:
-                    if p_used[j][r] >= self.PROTECT_P:
-                        protect.add(ctx.key(j + 1, expert))
-                elif p_absent[j][r] >= self.MIN_P:
-                    candidates.append((-p_absent[j][r], j, r, expert))
+            layer = ctx.layer_of_pos[(ctx.pos + j + 1) % ctx.num_positions]
+            used_j, absent_j = p_used[j], p_absent[j]
+            for r, (expert, out) in enumerate(zip(top[j], top_absent[j])):
+                if not out:
+                    if used_j[r] >= self.PROTECT_P:
+                        protect.add((layer, expert))
+                elif absent_j[r] >= self.MIN_P:
+                    candidates.append((-absent_j[r], j, r, layer, expert))
+        if not candidates:
+            return [], protect
         candidates.sort()  # decreasing p, nearer first, then better rank
         capacity = max(0, ctx.num_slots - k - len(protect))
         admitted = fit_to_link([c[1] for c in candidates], horizon, ctx.transfer_s, ctx.layer_compute_s,
                                self.MIN_BENEFIT, capacity)
-        accepted = sorted((candidates[a][1], candidates[a][0], candidates[a][3]) for a in admitted)  # earliest deadline first
-        keys = [ctx.key(j + 1, e) for j, _, e in accepted]
-        return keys, protect | set(keys)
-
+        accepted = sorted((candidates[a][1], candidates[a][0], candidates[a][4], candidates[a][3]) for a in admitted)
+        keys = [(layer, expert) for _, _, expert, layer in accepted]  # earliest deadline first, then likelier
+        protect.update(keys)
+        return keys, protect
 
 class Adaptive(_Feedback):
     """ExpertFlow's adaptive horizon and width, chosen each step from measurements.
@@ -310,25 +371,32 @@ class Adaptive(_Feedback):
     def plan(self, ctx: PlanContext):
         k = ctx.top_k
         orders, _, absent = self.remember(ctx)
-        probs = self.rank_probabilities(k, absent=True)
+        p_absent = self._top_rank_lists(k)[1]
         ratio = max(ctx.transfer_s, 1e-9) / max(ctx.layer_compute_s, 1e-9)
         reach = int(min(len(orders), max(1, math.ceil(k * ratio))))
-        reach = min(reach, link_reach(probs[: len(orders)], absent, ctx.transfer_s, ctx.layer_compute_s))
+        if reach > 1:
+            reach = min(reach, link_reach(self.rank_probabilities(k, absent=True, horizon=len(orders)), absent,
+                                          ctx.transfer_s, ctx.layer_compute_s))
         h = 1
-        while h < reach and probs[h, 0] >= self.LINK_BOUND_MIN_P:
+        while h < reach and p_absent[h][0] >= self.LINK_BOUND_MIN_P:
             h += 1
         width = min(2 * k, k + math.ceil(max(0.0, self.TARGET_RECALL - self.recall) * 2 * k))
         self.current_horizon, self.current_width = h, width
-        top = orders[:h, :width]
-        fetch = absent[:h, :width].copy()
-        if k * ratio >= 1.0:  # link-bound
-            fetch &= probs[:h, :width] >= self.LINK_BOUND_MIN_P
-        protect = {ctx.key(j + 1, e) for j, row in enumerate(top.tolist()) for e in row}
-        rows, ranks = np.nonzero(fetch)  # nearest layer first, best rank first
-        admitted = fit_to_link(rows.tolist(), h, ctx.transfer_s, ctx.layer_compute_s, self.MIN_BENEFIT,
+        # the top `width` of each horizon as lists: a few dozen entries, cheaper in Python than in numpy calls
+        top = orders[:h, :width].tolist()
+        top_absent = absent[:h, :width].tolist()
+        link_bound = k * ratio >= 1.0  # then only the likely guesses are worth the link time
+        protect, rows, chosen = set(), [], []
+        for j in range(h):  # nearest layer first, best rank first
+            layer = ctx.layer_of_pos[(ctx.pos + j + 1) % ctx.num_positions]
+            for r, (expert, out) in enumerate(zip(top[j], top_absent[j])):
+                protect.add((layer, expert))
+                if out and (not link_bound or p_absent[j][r] >= self.LINK_BOUND_MIN_P):
+                    rows.append(j)
+                    chosen.append((layer, expert))
+        admitted = fit_to_link(rows, h, ctx.transfer_s, ctx.layer_compute_s, self.MIN_BENEFIT,
                                max(0, ctx.num_slots - k))
-        keys = [ctx.key(rows[a] + 1, top[rows[a], ranks[a]]) for a in admitted]
-        return keys, protect
+        return [chosen[a] for a in admitted], protect
 
 
 class OraclePlanner:
