@@ -284,8 +284,9 @@ class PreSched(_Feedback):
        (1 - p) * T_x of link time that misses may need. Candidates with p < MIN_P (0.5: expected
        saving below expected waste) are not fetched. (Replayed in virtual time, a threshold falling to
        0.05 where T_x <= 0.75 T_c scheduled better: 0.743 against 0.685 of stall-free speed at 50% cache,
-       T_x = T_c. Live on the 2-core CPU it decoded 8-19% slower relative to on-demand at 25-50%, its
-       extra copies costing host CPU the replay does not model; branch `presched-min-p` holds it for a
+       T_x = T_c. Live on the 2-core CPU it decoded 8-19% slower relative to on-demand at 25-50% with
+       the same hit rates, for a reason not established (host CPU per copy, or live timing the replay
+       does not model: prefetches in flight when a miss comes); branch `presched-min-p` holds it for a
        GPU A/B.)
     5. Greedy selection: candidates (j, r < 2k, not resident, p >= MIN_P) in decreasing p; tentatively
        add each to the accepted set, let the link serve the accepted set in earliest-deadline order,
