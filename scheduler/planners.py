@@ -43,9 +43,13 @@ class PlanContext:
         """The MoE positions pos + 1 .. pos + horizon (wrapping): the rows of `scores` and `resident`."""
         return [(pos + j) % num_positions for j in range(1, horizon + 1)]
 
+    def layer(self, j: int) -> int:
+        """Model layer index of MoE position pos + j (j >= 1, wrapping to the next token)."""
+        return self.layer_of_pos[(self.pos + j) % self.num_positions]
+
     def key(self, j: int, expert: int) -> ExpertKey:
         """Key of `expert` at MoE position pos + j (j >= 1)."""
-        return (self.layer_of_pos[(self.pos + j) % self.num_positions], int(expert))
+        return (self.layer(j), int(expert))
 
 
 def fit_to_link(horizons: list[int], num_horizons: int, transfer_s: float, compute_s: float, min_benefit: float,
@@ -166,8 +170,7 @@ class _Feedback:
         by_expert = np.empty_like(probs)
         by_expert[rows, orders] = probs
         use_probability = {}
-        for j in range(horizon):
-            target = (pos + j + 1) % num_positions
+        for j, target in enumerate(PlanContext.ahead(pos, num_positions, horizon)):
             waiting[target][j] = pos
             if j < num_positions - 1:  # a layer further than one token ahead is not its next occurrence
                 use_probability[ctx.layer_of_pos[target]] = by_expert[j]
@@ -325,7 +328,7 @@ class PreSched(_Feedback):
         p_used, p_absent = self._top_rank_lists(k)  # [H][2k] each
         protect, candidates = set(), []
         for j in range(horizon):
-            layer = ctx.layer_of_pos[(ctx.pos + j + 1) % ctx.num_positions]
+            layer = ctx.layer(j + 1)
             used_j, absent_j = p_used[j], p_absent[j]
             for r, (expert, out) in enumerate(zip(top[j], top_absent[j])):
                 if not out:
@@ -343,6 +346,7 @@ class PreSched(_Feedback):
         keys = [(layer, expert) for _, _, expert, layer in accepted]  # earliest deadline first, then likelier
         protect.update(keys)
         return keys, protect
+
 
 class Adaptive(_Feedback):
     """ExpertFlow's adaptive horizon and width, chosen each step from measurements.
@@ -393,7 +397,7 @@ class Adaptive(_Feedback):
         link_bound = k * ratio >= 1.0  # then only the likely guesses are worth the link time
         protect, rows, chosen = set(), [], []
         for j in range(h):  # nearest layer first, best rank first
-            layer = ctx.layer_of_pos[(ctx.pos + j + 1) % ctx.num_positions]
+            layer = ctx.layer(j + 1)
             for r, (expert, out) in enumerate(zip(top[j], top_absent[j])):
                 protect.add((layer, expert))
                 if out and (not link_bound or p_absent[j][r] >= self.LINK_BOUND_MIN_P):
