@@ -2,7 +2,7 @@
 # The GPU measurements issue 7 still owes, in priority order, sized for a lent device (the `run` tool:
 # at most 10 minutes per command, 30 minutes per session). Run one step per call, from the repo root:
 #
-#     bash bench/gpu_suite.sh STEP        STEP = 1 .. 9
+#     bash bench/gpu_suite.sh STEP        STEP = 1 .. 10
 #
 # Results land in $OUT/results/<device>/ (default: /tmp/jaxmoe-gpu-suite), ready to copy into
 # bench/results/<device>/; re-draw plots here with `python -m bench sizes --plot-only FILE.json`.
@@ -26,9 +26,11 @@
 #      ~110 ms/token more non-stall time. The table's "host CPU ms/tok: loop, transfers" column says
 #      whether that is the transfer thread's CPU (claims, copies, slot writes) taking the interpreter lock
 #      from the decode loop
+#   10 GLM-4.5-Air (199 GB of experts: bench.sizes keeps the layers that fit host memory): 10% and 25% cache,
+#      on-demand / presched / oracle
 # SMOKE=1 shrinks every step to seconds (CPU check of the commands themselves).
 set -euo pipefail
-step="${1:?usage: bash bench/gpu_suite.sh STEP (1-9)}"
+step="${1:?usage: bash bench/gpu_suite.sh STEP (1-10)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 device="$(python -c 'from bench.policies import device_name; print(device_name())' 2>/dev/null)"
 out="${OUT:-/tmp/jaxmoe-gpu-suite}/results/$device"
@@ -60,6 +62,7 @@ case "$step" in
     sizes --shape deepseek-v2-lite --cache 0.1,0.25,0.5 "${three[@]}"
     ;;
   9) sizes --shape qwen3-30b-a3b --cache 0.1 --policies on-demand,presched --tokens 16 --skip-resident --out "$out/qwen3-10pct" ;;
-  *) echo "error: bench/gpu_suite.sh: unknown step '$step' (1-9)" >&2; exit 2 ;;
+  10) sizes --shape glm-4.5-air --cache 0.1,0.25 "${three[@]}" --skip-resident ;;
+  *) echo "error: bench/gpu_suite.sh: unknown step '$step' (1-10)" >&2; exit 2 ;;
 esac
 ls -l "$out"

@@ -71,6 +71,21 @@ SHAPES: dict[str, dict] = {
         rope_scaling=None, attention_bias=False, clip_qkv=None, hidden_act="silu", tie_word_embeddings=False,
         pad_token_id=1, eos_token_id=50279,
     ),
+    # zai-org/GLM-4.5-Air config.json: 46 layers (first_k_dense_replace 1: layer 0 dense with intermediate
+    # 10944), d=4096, 96 heads / 8 KV heads with head_dim 128 (q width 12288 != d), q/k/v bias, RoPE over
+    # half of each head (partial_rotary_factor 0.5, theta 1e6), no q/k norm; 128 routed experts top-8 of
+    # moe_intermediate 1408 (sigmoid, selection bias, n_group 1, renormalized, scale 1.0) + 1 shared expert;
+    # vocab 151552; one multi-token-prediction layer (not loaded). 106.9B parameters; one expert =
+    # 3*4096*1408*2 B = 34.6 MB; all routed experts 199 GB.
+    "glm-4.5-air": dict(
+        model_type="glm4_moe", vocab_size=151552, hidden_size=4096, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=46, num_attention_heads=96, num_key_value_heads=8,
+        head_dim=128, partial_rotary_factor=0.5, n_routed_experts=128, n_shared_experts=1, num_experts_per_tok=8,
+        first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
+        attention_bias=True, use_qk_norm=False, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_theta=1e6, rope_scaling=None, num_nextn_predict_layers=1, hidden_act="silu",
+        tie_word_embeddings=False, pad_token_id=151329, eos_token_id=[151329, 151336, 151338],
+    ),
 }
 
 SHAPE_NAMES = tuple(SHAPES)
@@ -92,7 +107,7 @@ def hf_config_dict(name: str, num_layers: int | None = None, scale: float = 1.0)
     if num_layers is not None:
         if not 1 <= num_layers <= hf["num_hidden_layers"]:
             raise JaxmoeError(f"--layers must be in [1, {hf['num_hidden_layers']}] for {name}")
-        if name == "deepseek-v2-lite" and num_layers <= hf["first_k_dense_replace"]:
+        if num_layers <= hf.get("first_k_dense_replace", 0):
             raise JaxmoeError(f"--layers {num_layers}: {name} needs > {hf['first_k_dense_replace']} layers to have a MoE layer")
         hf["num_hidden_layers"] = num_layers
     if not 0 < scale <= 1:
@@ -115,6 +130,8 @@ def hf_config_dict(name: str, num_layers: int | None = None, scale: float = 1.0)
                   v_head_dim=_even(hf["v_head_dim"] * root))
     else:
         new_head_dim = _even(head_dim * root)
+        if hf.get("partial_rotary_factor") == 0.5:  # GLM: the rotated half of each head must stay even
+            new_head_dim = max(8, 4 * int(round(head_dim * root / 4)))
         if hf["hidden_size"] == heads * head_dim:  # keep d = heads * head_dim where the release has it
             hf.update(hidden_size=new_heads * new_head_dim)
         else:
@@ -124,7 +141,10 @@ def hf_config_dict(name: str, num_layers: int | None = None, scale: float = 1.0)
         if key in hf:
             hf[key] = _width(hf[key], scale)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # special ids past the shrunk vocabulary
-        if hf.get(key) is not None and hf[key] >= hf["vocab_size"]:
+        ids = hf.get(key)
+        if isinstance(ids, list):
+            hf[key] = [i for i in ids if i < hf["vocab_size"]] or None
+        elif ids is not None and ids >= hf["vocab_size"]:
             hf[key] = None
     return hf
 

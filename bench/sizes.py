@@ -603,16 +603,17 @@ def _available_host() -> int | None:
 
 def write_outputs(report: dict, out_dir: Path, plots: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / report_stem(report)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
+    stem = report_stem(report)  # appended to, not with_suffix: shape names hold dots (glm-4.5-air)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    md_path.write_text(markdown(report))
     if plots:
         try:
             report["plots"] = make_plots(report, out_dir)
         except ImportError:
             report["notes"].append("matplotlib not installed: no plots")
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-        stem.with_suffix(".md").write_text(markdown(report))
+        json_path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        md_path.write_text(markdown(report))
 
 
 def report_stem(report: dict) -> str:

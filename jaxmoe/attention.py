@@ -44,7 +44,7 @@ def causal_attention(q, k, v, positions, scale: float):
 
 
 class GQAttention(nnx.Module):
-    """Multi-head attention with grouped KV heads, optional q/k/v bias and q/k RMSNorm."""
+    """Multi-head attention with grouped KV heads, optional q/k/v bias, q/k RMSNorm and partial RoPE."""
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -66,10 +66,19 @@ class GQAttention(nnx.Module):
         elif cfg.qk_norm == "full":
             self.q_norm = RMSNorm(h * hd, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(kv * hd, cfg.rms_norm_eps, dtype)
-        inv_freq, self.rope_scaling = rope_inv_freq(hd, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        self.rotary_dim = cfg.rotary_dim or hd
+        inv_freq, self.rope_scaling = rope_inv_freq(self.rotary_dim, cfg.rope_theta, cfg.rope_scaling,
+                                                    cfg.max_position_embeddings)
         self.inv_freq = tuple(float(f) for f in inv_freq)  # static, hashable
         self.rope_interleaved = cfg.rope_interleaved
         self.scale = hd**-0.5
+
+    def _rope(self, x, cos, sin):
+        """x: [B, T, heads, head_dim]: the first rotary_dim of each head rotated, the rest passed through."""
+        if self.rotary_dim == self.head_dim:
+            return apply_rope(x, cos, sin, self.rope_interleaved)
+        rotated = apply_rope(x[..., : self.rotary_dim], cos, sin, self.rope_interleaved)
+        return jnp.concatenate([rotated, x[..., self.rotary_dim :]], axis=-1)
 
     @staticmethod
     def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict:
@@ -92,8 +101,7 @@ class GQAttention(nnx.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scaling)
-        q = apply_rope(q, cos, sin, self.rope_interleaved)
-        k = apply_rope(k, cos, sin, self.rope_interleaved)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         start = positions[:, 0]
         cache = {"k": write_cache(cache["k"], k, start), "v": write_cache(cache["v"], v, start)}
         out = causal_attention(q, cache["k"], cache["v"], positions, self.scale)  # [B, T, H, hd]

@@ -65,6 +65,7 @@ class ModelConfig:
     dense_intermediate_size: int = 0
     rope_scaling: RopeScaling = RopeScaling()
     rope_interleaved: bool = False  # rotate adjacent pairs (DeepSeek) instead of halves
+    rotary_dim: int | None = None  # GQA: RoPE rotates only the first rotary_dim of each head (GLM-4.5); None: all
     tie_word_embeddings: bool = False
     # attention
     attention_kind: str = "gqa"  # "gqa" | "mla"
@@ -100,6 +101,8 @@ class ModelConfig:
             raise JaxmoeError("num_experts_per_tok exceeds num_experts")
         if self.attention_kind not in ("gqa", "mla"):
             raise JaxmoeError(f"attention_kind must be 'gqa' or 'mla', got {self.attention_kind!r}")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise JaxmoeError(f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:

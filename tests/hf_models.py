@@ -32,6 +32,13 @@ FAMILY_CONFIGS = {
                         routed_scaling_factor=2.5, norm_topk_prob=True, attention_bias=True, rms_norm_eps=1e-5,
                         rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64,
                                           mscale=1.0, mscale_all_dim=0.8, beta_fast=32, beta_slow=1)),
+    # GLM-4.5: RoPE over the first half of each head only (6 of 12), q/k/v bias and per-head q/k norm,
+    # V3 routing (sigmoid, selection bias, 2 of 4 groups kept), a shared expert, one dense first layer
+    "glm4_moe": dict(head_dim=12, partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True,
+                     n_routed_experts=8, moe_intermediate_size=16, n_shared_experts=1, num_experts_per_tok=3,
+                     first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=1.5,
+                     norm_topk_prob=True, rms_norm_eps=1e-5,
+                     eos_token_id=[3, 4]),  # a list, as GLM ships; with 2 this random model stops at once
 }
 
 FAMILIES = tuple(FAMILY_CONFIGS)

@@ -12,11 +12,12 @@ from bench.synthetic import (
     NOTICE, Replay, ReplayLookahead, RoutingSource, map_routing, routing_tables, save_routing, synthetic_routing,
 )
 
-# total parameters of the public releases (bfloat16 shapes; the Hub model cards: 46.7B, 30.5B, 15.7B, 6.9B)
+# total parameters of the public releases (bfloat16 shapes; the Hub model cards: 46.7B, 30.5B, 15.7B, 6.9B, 106B
+# without GLM's multi-token-prediction layer)
 PUBLIC_PARAMS = {"mixtral-8x7b": 46_702_792_704, "qwen3-30b-a3b": 30_532_122_624,
-                 "deepseek-v2-lite": 15_706_484_224, "olmoe-1b-7b": 6_919_161_856}
+                 "deepseek-v2-lite": 15_706_484_224, "olmoe-1b-7b": 6_919_161_856, "glm-4.5-air": 106_852_257_024}
 EXPERTS = {"mixtral-8x7b": (8, 2, 32), "qwen3-30b-a3b": (128, 8, 48), "deepseek-v2-lite": (64, 6, 26),
-           "olmoe-1b-7b": (64, 8, 16)}  # experts per layer, top-k, MoE layers
+           "olmoe-1b-7b": (64, 8, 16), "glm-4.5-air": (128, 8, 45)}  # experts per layer, top-k, MoE layers
 
 
 def random_source(tokens=400, layers=8, experts=32, k=4, seed=0) -> RoutingSource:

@@ -3,7 +3,8 @@
 from dataclasses import dataclass
 from typing import Callable
 
-from convert.families import deepseek, mixtral, olmoe, qwen_moe
+from convert.families import deepseek, glm4_moe, mixtral, olmoe, qwen_moe
+from convert.families.common import is_mtp_key
 from convert.keymap import KeyRule
 from jaxmoe.config import ModelConfig
 
@@ -29,5 +30,6 @@ FAMILIES: dict[str, Adapter] = {
     "qwen3_moe": Adapter(qwen_moe.qwen3_config_from_hf, qwen_moe.qwen3_key_rules, config_to_hf=qwen_moe.qwen3_config_to_hf),
     "olmoe": Adapter(olmoe.config_from_hf, olmoe.key_rules),
     "deepseek_v2": Adapter(deepseek.v2_config_from_hf, deepseek.key_rules),
-    "deepseek_v3": Adapter(deepseek.v3_config_from_hf, deepseek.key_rules, deepseek.is_mtp_key),
+    "deepseek_v3": Adapter(deepseek.v3_config_from_hf, deepseek.key_rules, is_mtp_key),
+    "glm4_moe": Adapter(glm4_moe.config_from_hf, glm4_moe.key_rules, is_mtp_key),
 }

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 from convert.keymap import KeyRule
-from jaxmoe.config import RopeScaling
+from jaxmoe.config import ModelConfig, RopeScaling
 from jaxmoe.errors import JaxmoeError
 from jaxmoe.rope import ROPE_KINDS
 
@@ -126,3 +128,22 @@ def router_rules(hf_prefix: str, bias_key: str | None = None) -> list[KeyRule]:
     if bias_key:
         rules.append(KeyRule(f"{hf_prefix}.{bias_key}", "layers.{layer}.moe.router_bias"))
     return rules
+
+
+def check_expert_groups(fields: dict, family: str) -> None:
+    """Group-limited routing: n_group must divide the routed experts, 1 <= topk_group <= n_group."""
+    n_group, topk_group, num_experts = fields["n_group"], fields["topk_group"], fields["num_experts"]
+    if n_group < 1 or num_experts % n_group:
+        raise JaxmoeError(f"config.json: {family} n_routed_experts {num_experts} is not divisible by n_group {n_group}")
+    if not 1 <= topk_group <= n_group:
+        raise JaxmoeError(f"config.json: {family} topk_group {topk_group} must be in [1, n_group={n_group}]")
+
+
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def is_mtp_key(cfg: ModelConfig, key: str) -> bool:
+    """DeepSeek-V3 and GLM-4.5 checkpoints append `num_nextn_predict_layers` multi-token-prediction layers
+    (model.layers.{num_hidden_layers}...); generation does not use them, as in transformers."""
+    m = _LAYER_KEY.match(key)
+    return m is not None and int(m.group(1)) >= cfg.num_layers

@@ -17,10 +17,8 @@ Routing, matching transformers:
 
 from __future__ import annotations
 
-import re
-
 from convert.families.common import (
-    common_fields, expert_rules, global_rules, layer_norm_rules, mlp_rules, require, router_rules,
+    check_expert_groups, common_fields, expert_rules, global_rules, layer_norm_rules, mlp_rules, require, router_rules,
 )
 from convert.keymap import KeyRule
 from jaxmoe.config import ModelConfig
@@ -129,14 +127,6 @@ def _fields(hf: dict, family: str, dtype: str) -> dict:
     return fields
 
 
-def _check_groups(fields: dict, family: str) -> None:
-    n_group, topk_group, num_experts = fields["n_group"], fields["topk_group"], fields["num_experts"]
-    if n_group < 1 or num_experts % n_group:
-        raise JaxmoeError(f"config.json: {family} n_routed_experts {num_experts} is not divisible by n_group {n_group}")
-    if not 1 <= topk_group <= n_group:
-        raise JaxmoeError(f"config.json: {family} topk_group {topk_group} must be in [1, n_group={n_group}]")
-
-
 def v2_config_from_hf(hf: dict, dtype: str) -> ModelConfig:
     fields = _fields(hf, V2, dtype)
     _check_choice(hf, "scoring_func", ("softmax",), "softmax", V2)
@@ -145,7 +135,7 @@ def v2_config_from_hf(hf: dict, dtype: str) -> ModelConfig:
         fields.update(n_group=1, topk_group=1)
     elif hf.get("n_group") is None or hf.get("topk_group") is None:
         raise JaxmoeError(f"config.json: {V2} topk_method 'group_limited_greedy' needs n_group and topk_group")
-    _check_groups(fields, V2)
+    check_expert_groups(fields, V2)
     return ModelConfig(
         **fields,
         rope_interleaved=True,  # V2 always rotates adjacent pairs (complex multiplication)
@@ -160,7 +150,7 @@ def v3_config_from_hf(hf: dict, dtype: str) -> ModelConfig:
     fields = _fields(hf, V3, dtype)
     _check_choice(hf, "scoring_func", ("sigmoid",), "sigmoid", V3)
     _check_choice(hf, "topk_method", V3_TOPK_METHODS, "noaux_tc", V3)
-    _check_groups(fields, V3)
+    check_expert_groups(fields, V3)
     if fields["num_experts"] // fields["n_group"] < 2:  # groups are scored by their top-2 sum
         raise JaxmoeError(f"config.json: {V3} n_group {fields['n_group']} leaves fewer than 2 experts per group")
     return ModelConfig(
@@ -208,13 +198,3 @@ def key_rules(cfg: ModelConfig) -> list[KeyRule]:
     if not all(cfg.moe_layers):
         rules += mlp_rules(mlp, "layers.{layer}.mlp")
     return rules
-
-
-_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
-
-
-def is_mtp_key(cfg: ModelConfig, key: str) -> bool:
-    """DeepSeek-V3 checkpoints append `num_nextn_predict_layers` multi-token-prediction layers
-    (model.layers.{num_hidden_layers}...); generation does not use them, as in transformers."""
-    m = _LAYER_KEY.match(key)
-    return m is not None and int(m.group(1)) >= cfg.num_layers
