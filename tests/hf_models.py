@@ -39,6 +39,11 @@ FAMILY_CONFIGS = {
                      first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=1.5,
                      norm_topk_prob=True, rms_norm_eps=1e-5,
                      eos_token_id=[3, 4]),  # a list, as GLM ships; with 2 this random model stops at once
+    # GLM-4.7-Flash: DeepSeek-V3 attention (q LoRA, interleaved RoPE) and routing, dense/sparse layers listed
+    "glm4_moe_lite": dict(num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8,
+                          qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8, moe_intermediate_size=16,
+                          n_shared_experts=1, mlp_layer_types=["dense", "sparse", "sparse"], n_group=4,
+                          topk_group=2, routed_scaling_factor=1.8, norm_topk_prob=True, rms_norm_eps=1e-5),
 }
 
 FAMILIES = tuple(FAMILY_CONFIGS)

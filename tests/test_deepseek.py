@@ -1,4 +1,4 @@
-"""DeepSeek-V2 / V3 (multi-head latent attention, group-limited routing) against transformers.
+"""DeepSeek-V2 / V3 and GLM-4.7-Flash (multi-head latent attention, group-limited routing) against transformers.
 
 Tiny random checkpoints from tests/hf_models.py: V2 without q LoRA, V3 with q LoRA and attention
 biases; both YaRN (mscale / mscale_all_dim), one dense first layer, shared experts, 4 expert groups
@@ -21,7 +21,7 @@ from jaxmoe.mla import mla_softmax_scale
 from jaxmoe.rope import yarn_mscale
 from tests.hf_models import build_hf_checkpoint
 
-FAMILIES = ["deepseek_v2", "deepseek_v3"]
+FAMILIES = ["deepseek_v2", "deepseek_v3", "glm4_moe_lite"]  # glm4_moe_lite: GLM-4.7-Flash, V3's architecture
 
 
 def hf_model(hf_dir):

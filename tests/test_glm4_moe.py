@@ -1,6 +1,7 @@
-"""GLM-4.5 (`glm4_moe`): Hub-style configs, refusals, multi-token-prediction layers skipped, and the
-offloaded engine (layer path and whole-token programs) equal to the resident one. Logits, cached decode
-and greedy generation against transformers are in test_parity.py (the tiny model in tests/hf_models.py)."""
+"""GLM-4.5 (`glm4_moe`) and GLM-4.7-Flash (`glm4_moe_lite`): Hub-style configs, refusals, multi-token-prediction
+layers skipped, and the offloaded engine (layer path and whole-token programs) equal to the resident one.
+GLM-4.5's logits, cached decode and greedy generation against transformers are in test_parity.py, GLM-4.7-Flash's
+logits, routing and cached decode in test_deepseek.py (the tiny models are in tests/hf_models.py)."""
 
 import json
 
@@ -94,3 +95,49 @@ def test_offloaded_equals_resident(converted_model, slots, policy, speculate):
     engine = jaxmoe.load(model_dir, cache_slots=slots, policy=policy, speculate=speculate)
     for _ in range(2):  # cold, then warm (with 16 slots every expert is cached: whole-token steps)
         assert engine.generate(PROMPT, NEW_TOKENS).generated_ids == expected, (slots, policy, speculate)
+
+
+# GLM-4.7-Flash (`glm4_moe_lite`): DeepSeek-V3's MLA and routing; logits, routing and cached decode against
+# transformers are in test_deepseek.py
+HUB_FLASH = dict(
+    model_type="glm4_moe_lite", vocab_size=120, hidden_size=64, intermediate_size=96, moe_intermediate_size=16,
+    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
+    num_experts_per_tok=4, kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+    mlp_layer_types=["dense", "sparse", "sparse", "sparse"], n_group=1, topk_group=1, norm_topk_prob=True,
+    routed_scaling_factor=1.8, rope_parameters={"rope_theta": 1e6, "rope_type": "default"}, rope_interleave=True,
+    rms_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=202752, num_nextn_predict_layers=1,
+    tie_word_embeddings=False, eos_token_id=[3, 5], torch_dtype="bfloat16",
+)
+
+
+def test_flash_config():
+    cfg = model_config_from_hf(HUB_FLASH, None)
+    assert cfg.attention_kind == "mla" and cfg.q_lora_rank == 24 and cfg.rope_interleaved and cfg.rope_theta == 1e6
+    assert cfg.moe_layers == (False, True, True, True) and cfg.shared_intermediate_size == 16
+    assert (cfg.router_scoring, cfg.router_bias, cfg.routed_scaling_factor) == ("sigmoid", True, 1.8)
+    mixed = model_config_from_hf(dict(HUB_FLASH, mlp_layer_types=["sparse", "dense", "sparse", "dense"]), None)
+    assert mixed.moe_layers == (True, False, True, False)
+    defaults = model_config_from_hf({k: v for k, v in HUB_FLASH.items() if k != "mlp_layer_types"}, None)
+    assert defaults.moe_layers == (False, True, True, True)
+    for change, word in [(dict(mlp_layer_types=["dense", "sparse"]), "mlp_layer_types"),
+                         (dict(mlp_layer_types=["dense", "moe", "sparse", "sparse"]), "mlp_layer_types"),
+                         (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+                         (dict(num_key_value_heads=2), "num_key_value_heads")]:
+        with pytest.raises(JaxmoeError, match=word):
+            model_config_from_hf(dict(HUB_FLASH, **change), None)
+
+
+def test_flash_greedy_generation_matches_transformers_and_offloaded(converted_model):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, model_dir = converted_model("glm4_moe_lite")
+    ours = jaxmoe.load(model_dir).generate(PROMPT, NEW_TOKENS).generated_ids
+    with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype="float32").eval()
+        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(PROMPT):].tolist()
+    assert ours == ref and len(ours) == NEW_TOKENS, np.asarray(ours)
+    engine = jaxmoe.load(model_dir, cache_slots=5, policy="presched", speculate="on")
+    for _ in range(2):
+        assert engine.generate(PROMPT, NEW_TOKENS).generated_ids == ours

@@ -32,4 +32,5 @@ FAMILIES: dict[str, Adapter] = {
     "deepseek_v2": Adapter(deepseek.v2_config_from_hf, deepseek.key_rules),
     "deepseek_v3": Adapter(deepseek.v3_config_from_hf, deepseek.key_rules, is_mtp_key),
     "glm4_moe": Adapter(glm4_moe.config_from_hf, glm4_moe.key_rules, is_mtp_key),
+    "glm4_moe_lite": Adapter(deepseek.glm_lite_config_from_hf, deepseek.key_rules, is_mtp_key),
 }

@@ -1,5 +1,8 @@
 """DeepSeek-V2 and DeepSeek-V3: multi-head latent attention, shared experts, group-limited routing.
 
+GLM-4.7-Flash (`glm4_moe_lite`) is V3's architecture under GLM's defaults (routed_scaling_factor 1.8,
+q_lora_rank 768, one expert group), with its dense and MoE layers listed in `mlp_layer_types`.
+
 Both: MLA (`q_proj`, or `q_a_proj` + `q_a_layernorm` + `q_b_proj` when `q_lora_rank` is set;
 `kv_a_proj_with_mqa` -> latent + rotary key, `kv_a_layernorm`, `kv_b_proj`), interleaved RoPE
 over `qk_rope_head_dim` (often YaRN with `mscale_all_dim`), the first `first_k_dense_replace`
@@ -24,7 +27,7 @@ from convert.keymap import KeyRule
 from jaxmoe.config import ModelConfig
 from jaxmoe.errors import JaxmoeError
 
-V2, V3 = "deepseek_v2", "deepseek_v3"
+V2, V3, GLM_LITE = "deepseek_v2", "deepseek_v3", "glm4_moe_lite"
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 V3_TOPK_METHODS = ("noaux_tc",)
 
@@ -35,6 +38,8 @@ DEFAULTS = {
              n_group=None, topk_group=None),
     V3: dict(first_k_dense_replace=3, n_shared_experts=1, routed_scaling_factor=2.5, q_lora_rank=1536,
              n_group=8, topk_group=4, norm_topk_prob=True, rope_interleave=True),
+    GLM_LITE: dict(n_shared_experts=1, routed_scaling_factor=1.8, q_lora_rank=768, n_group=1, topk_group=1,
+                   norm_topk_prob=True, rope_interleave=True),
 }
 
 
@@ -60,7 +65,15 @@ def _check_choice(hf: dict, key: str, allowed: tuple, default, family: str):
 
 
 def _moe_layer_flags(hf: dict, num_layers: int, family: str) -> tuple[bool, ...]:
-    """MoE iff layer >= first_k_dense_replace and layer % moe_layer_freq == 0 (DeepSeek's rule)."""
+    """MoE iff layer >= first_k_dense_replace and layer % moe_layer_freq == 0 (DeepSeek's rule); GLM-4.7-Flash
+    lists them (`mlp_layer_types`, "dense" / "sparse"; transformers' default: the first layer dense)."""
+    if family == GLM_LITE:
+        kinds = hf.get("mlp_layer_types") or ["dense"] + ["sparse"] * (num_layers - 1)
+        if len(kinds) != num_layers or not set(kinds) <= {"dense", "sparse"}:
+            raise JaxmoeError(
+                f"config.json: {family} mlp_layer_types must list 'dense' or 'sparse' for each of {num_layers} layers"
+            )
+        return tuple(kind == "sparse" for kind in kinds)
     first_dense = _int(hf, "first_k_dense_replace", family, 0)
     freq = _int(hf, "moe_layer_freq", family, 1)  # not read by transformers; DeepSeek's own code honours it
     if freq < 1:
@@ -159,6 +172,25 @@ def v3_config_from_hf(hf: dict, dtype: str) -> ModelConfig:
         router_scoring="sigmoid",
         router_bias=True,
         norm_topk_prob=bool(_get(hf, "norm_topk_prob", V3)),
+        group_score="top2_sum",
+    )
+
+
+def glm_lite_config_from_hf(hf: dict, dtype: str) -> ModelConfig:
+    """GLM-4.7-Flash (`glm4_moe_lite`): DeepSeek-V3's attention and routing under GLM's defaults."""
+    factor = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if factor not in (None, 1, 1.0):
+        raise JaxmoeError(f"config.json: {GLM_LITE} partial_rotary_factor {factor} is not supported (only 1.0)")
+    fields = _fields(hf, GLM_LITE, dtype)
+    check_expert_groups(fields, GLM_LITE)
+    if fields["num_experts"] // fields["n_group"] < 2:  # groups are scored by their top-2 sum
+        raise JaxmoeError(f"config.json: {GLM_LITE} n_group {fields['n_group']} leaves fewer than 2 experts per group")
+    return ModelConfig(
+        **fields,
+        rope_interleaved=bool(_get(hf, "rope_interleave", GLM_LITE)),
+        router_scoring="sigmoid",
+        router_bias=True,
+        norm_topk_prob=bool(_get(hf, "norm_topk_prob", GLM_LITE)),
         group_score="top2_sum",
     )
 
