@@ -130,8 +130,9 @@ def hf_config_dict(name: str, num_layers: int | None = None, scale: float = 1.0)
                   v_head_dim=_even(hf["v_head_dim"] * root))
     else:
         new_head_dim = _even(head_dim * root)
-        if hf.get("partial_rotary_factor") == 0.5:  # GLM: the rotated half of each head must stay even
-            new_head_dim = max(8, 4 * int(round(head_dim * root / 4)))
+        factor = hf.get("partial_rotary_factor", 1.0)  # GLM: the rotated part of each head must stay even
+        while int(new_head_dim * factor) % 2:
+            new_head_dim += 2
         if hf["hidden_size"] == heads * head_dim:  # keep d = heads * head_dim where the release has it
             hf.update(hidden_size=new_heads * new_head_dim)
         else:

@@ -130,6 +130,22 @@ def router_rules(hf_prefix: str, bias_key: str | None = None) -> list[KeyRule]:
     return rules
 
 
+def refuse_quantized(hf: dict, hint: str) -> None:
+    """A checkpoint with a `quantization_config` (fp8, MXFP4, ...) is refused; `hint` says what to convert instead."""
+    if hf.get("quantization_config"):
+        method = (hf["quantization_config"] or {}).get("quant_method", "?")
+        raise JaxmoeError(f"config.json: quantization_config ({method}) is not supported; {hint}")
+
+
+def sigmoid_group_routing(fields: dict, family: str, norm_topk_prob: bool) -> dict:
+    """DeepSeek-V3's routing ("noaux_tc": sigmoid scores, selection bias, groups scored by their top-2 sum) as
+    ModelConfig fields, after checking the groups `fields` holds (n_group, topk_group, num_experts)."""
+    check_expert_groups(fields, family)
+    if fields["num_experts"] // fields["n_group"] < 2:
+        raise JaxmoeError(f"config.json: {family} n_group {fields['n_group']} leaves fewer than 2 experts per group")
+    return dict(router_scoring="sigmoid", router_bias=True, norm_topk_prob=norm_topk_prob, group_score="top2_sum")
+
+
 def check_expert_groups(fields: dict, family: str) -> None:
     """Group-limited routing: n_group must divide the routed experts, 1 <= topk_group <= n_group."""
     n_group, topk_group, num_experts = fields["n_group"], fields["topk_group"], fields["num_experts"]

@@ -21,7 +21,8 @@ Routing, matching transformers:
 from __future__ import annotations
 
 from convert.families.common import (
-    check_expert_groups, common_fields, expert_rules, global_rules, layer_norm_rules, mlp_rules, require, router_rules,
+    check_expert_groups, common_fields, expert_rules, global_rules, layer_norm_rules, mlp_rules, refuse_quantized, require,
+    router_rules, sigmoid_group_routing,
 )
 from convert.keymap import KeyRule
 from jaxmoe.config import ModelConfig
@@ -82,12 +83,7 @@ def _moe_layer_flags(hf: dict, num_layers: int, family: str) -> tuple[bool, ...]
 
 
 def _check_common(hf: dict, family: str) -> None:
-    if hf.get("quantization_config"):
-        method = (hf["quantization_config"] or {}).get("quant_method", "?")
-        raise JaxmoeError(
-            f"config.json: quantization_config ({method}) is not supported; convert a bfloat16/float32 "
-            f"checkpoint (e.g. dequantize DeepSeek's fp8 release first)"
-        )
+    refuse_quantized(hf, "convert a bfloat16/float32 checkpoint (e.g. dequantize DeepSeek's fp8 release first)")
     if hf.get("mlp_bias"):
         raise JaxmoeError(f"config.json: {family} mlp_bias true is not supported")
     heads = require(hf, "num_attention_heads", family)
@@ -163,16 +159,10 @@ def v3_config_from_hf(hf: dict, dtype: str) -> ModelConfig:
     fields = _fields(hf, V3, dtype)
     _check_choice(hf, "scoring_func", ("sigmoid",), "sigmoid", V3)
     _check_choice(hf, "topk_method", V3_TOPK_METHODS, "noaux_tc", V3)
-    check_expert_groups(fields, V3)
-    if fields["num_experts"] // fields["n_group"] < 2:  # groups are scored by their top-2 sum
-        raise JaxmoeError(f"config.json: {V3} n_group {fields['n_group']} leaves fewer than 2 experts per group")
     return ModelConfig(
         **fields,
         rope_interleaved=bool(_get(hf, "rope_interleave", V3)),
-        router_scoring="sigmoid",
-        router_bias=True,
-        norm_topk_prob=bool(_get(hf, "norm_topk_prob", V3)),
-        group_score="top2_sum",
+        **sigmoid_group_routing(fields, V3, bool(_get(hf, "norm_topk_prob", V3))),
     )
 
 
@@ -182,16 +172,10 @@ def glm_lite_config_from_hf(hf: dict, dtype: str) -> ModelConfig:
     if factor not in (None, 1, 1.0):
         raise JaxmoeError(f"config.json: {GLM_LITE} partial_rotary_factor {factor} is not supported (only 1.0)")
     fields = _fields(hf, GLM_LITE, dtype)
-    check_expert_groups(fields, GLM_LITE)
-    if fields["num_experts"] // fields["n_group"] < 2:  # groups are scored by their top-2 sum
-        raise JaxmoeError(f"config.json: {GLM_LITE} n_group {fields['n_group']} leaves fewer than 2 experts per group")
     return ModelConfig(
         **fields,
         rope_interleaved=bool(_get(hf, "rope_interleave", GLM_LITE)),
-        router_scoring="sigmoid",
-        router_bias=True,
-        norm_topk_prob=bool(_get(hf, "norm_topk_prob", GLM_LITE)),
-        group_score="top2_sum",
+        **sigmoid_group_routing(fields, GLM_LITE, bool(_get(hf, "norm_topk_prob", GLM_LITE))),
     )
 
 

@@ -14,8 +14,8 @@ transformers does not load and neither do we.
 from __future__ import annotations
 
 from convert.families.common import (
-    check_expert_groups, common_fields, expert_rules, global_rules, gqa_rules, layer_norm_rules, mlp_rules, require,
-    router_rules,
+    common_fields, expert_rules, global_rules, gqa_rules, layer_norm_rules, mlp_rules, refuse_quantized, require,
+    router_rules, sigmoid_group_routing,
 )
 from convert.keymap import KeyRule
 from jaxmoe.config import ModelConfig
@@ -47,9 +47,7 @@ def _rotary_dim(hf: dict, head_dim: int) -> int:
 
 
 def config_from_hf(hf: dict, dtype: str) -> ModelConfig:
-    if hf.get("quantization_config"):
-        method = (hf["quantization_config"] or {}).get("quant_method", "?")
-        raise JaxmoeError(f"config.json: quantization_config ({method}) is not supported; convert a bfloat16 checkpoint")
+    refuse_quantized(hf, "convert a bfloat16 checkpoint")
     fields = common_fields(hf, MODEL_TYPE, dtype)
     first_dense = int(_get(hf, "first_k_dense_replace"))
     moe_layers = tuple(i >= first_dense for i in range(fields["num_layers"]))
@@ -57,30 +55,23 @@ def config_from_hf(hf: dict, dtype: str) -> ModelConfig:
     dense_intermediate = int(hf.get("intermediate_size") or 0)
     if dense_intermediate == 0 and not all(moe_layers):
         raise JaxmoeError(f"config.json: {MODEL_TYPE} checkpoint with dense layers lacks required field 'intermediate_size'")
-    n_group = int(_get(hf, "n_group"))
     fields.update(
         moe_layers=moe_layers,
         num_experts=int(require(hf, "n_routed_experts", MODEL_TYPE, "num_local_experts")),
         num_experts_per_tok=int(require(hf, "num_experts_per_tok", MODEL_TYPE)),
         moe_intermediate_size=moe_intermediate,
         dense_intermediate_size=dense_intermediate,
-        n_group=n_group,
+        n_group=int(_get(hf, "n_group")),
         topk_group=int(_get(hf, "topk_group")),
         routed_scaling_factor=float(_get(hf, "routed_scaling_factor")),
         shared_intermediate_size=moe_intermediate * int(_get(hf, "n_shared_experts")),
     )
-    check_expert_groups(fields, MODEL_TYPE)
-    if fields["num_experts"] // n_group < 2:  # groups are scored by their top-2 sum
-        raise JaxmoeError(f"config.json: {MODEL_TYPE} n_group {n_group} leaves fewer than 2 experts per group")
     return ModelConfig(
         **fields,
         rotary_dim=_rotary_dim(hf, fields["head_dim"]),
         attention_bias=bool(hf.get("attention_bias", False)),
         qk_norm="head" if hf.get("use_qk_norm") else "none",
-        router_scoring="sigmoid",
-        router_bias=True,
-        norm_topk_prob=bool(_get(hf, "norm_topk_prob")),
-        group_score="top2_sum",
+        **sigmoid_group_routing(fields, MODEL_TYPE, bool(_get(hf, "norm_topk_prob"))),
     )
 
 
