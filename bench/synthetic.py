@@ -35,7 +35,8 @@ from jaxmoe.engine import ResidentEngine, flat_state, tree_bytes
 from jaxmoe.errors import JaxmoeError
 from jaxmoe.moe import ExpertWeight
 from jaxmoe.expert_quant import check_quantize
-from jaxmoe.offload import EXPERT_NAMES, PREDICTOR_POLICIES, OffloadEngine, host_memory_kind, pack_expert
+from jaxmoe.moe import expert_shapes
+from jaxmoe.offload import PREDICTOR_POLICIES, OffloadEngine, host_memory_kind, pack_expert
 from predictors.base import FrequencyPredictor, PreviousTokenPredictor
 
 NOTICE = ("SYNTHETIC WEIGHTS: every weight is random (real shapes, dtype and code paths; meaningless values); "
@@ -105,11 +106,10 @@ class SyntheticExpertStore:
         self.memory_kind = host_memory_kind(device)
         self.quantize = quantize
         host = jax.sharding.SingleDeviceSharding(device, memory_kind=self.memory_kind)
-        d, f = cfg.hidden_size, cfg.moe_intermediate_size
-        shapes = {"w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
+        shapes = expert_shapes(cfg)
         rng = np.random.default_rng(seed)
         np_dtype = jnp.dtype(dtype)
-        buffers = {n: (INIT_STD * rng.standard_normal(shapes[n], np.float32)).astype(np_dtype) for n in EXPERT_NAMES}
+        buffers = {n: (INIT_STD * rng.standard_normal(shape, np.float32)).astype(np_dtype) for n, shape in shapes.items()}
         packed = pack_expert(buffers, np_dtype, quantize)
         self.experts: dict[tuple[int, int], jax.Array] = {}
         keys = [(layer, e) for layer in cfg.moe_layer_ids for e in range(cfg.num_experts)]
@@ -120,7 +120,7 @@ class SyntheticExpertStore:
                 print(f"  synthetic experts in {self.memory_kind}: {i + 1}/{len(keys)}", file=sys.stderr, flush=True)
         jax.block_until_ready(list(self.experts.values()))
         self.expert_bytes = packed.nbytes
-        self.expert_shapes = {n: (shapes[n], np_dtype) for n in EXPERT_NAMES}
+        self.expert_shapes = {n: (shape, np_dtype) for n, shape in shapes.items()}
         self.host_bytes = self.expert_bytes * len(self.experts)
 
     def get(self, key):
@@ -153,7 +153,7 @@ class SyntheticModel:
         restored = jax.tree.map(lambda x: x, non_expert)  # same arrays, fresh containers
         for i, tree in pure["layers"].items():
             if split_layer(tree)[1] is not None:
-                restored["layers"][i]["moe"]["experts"] = {n: jnp.zeros((0,), dtype) for n in EXPERT_NAMES}
+                restored["layers"][i]["moe"]["experts"] = {n: jnp.zeros((0,), dtype) for n in expert_shapes(cfg)}
         nnx.replace_by_pure_dict(abstract_state, restored)
         model = nnx.merge(graphdef, abstract_state)
         layer_parts = []

@@ -20,7 +20,9 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from convert.families import FAMILIES
+from convert.families.gpt_oss import quant_method
 from convert.keymap import Placement, place
+from convert.mxfp4 import Mxfp4Source
 from convert.source import SafetensorsSource
 from jaxmoe.checkpoint import WEIGHTS_DIR, abstract_model, pieces_of_layer, save_piece
 from jaxmoe.config import ModelConfig, save_config
@@ -90,19 +92,19 @@ def plan_conversion(cfg: ModelConfig, source: SafetensorsSource):
     for key in source.keys():
         if adapter.ignore_key(cfg, key):
             continue
-        placement = place(key, rules)
-        if placement is None or placement.path not in expected:
+        placements = place(key, rules)
+        if not placements or any(p.path not in expected for p in placements):
             raise JaxmoeError(f"{source.file_of[key]}: unused tensor {key} (no parameter of the {cfg.family} model takes it)")
-        want = expected[placement.path].shape
-        if placement.expert is not None:
-            if not 0 <= placement.expert < want[0]:
-                raise JaxmoeError(f"{source.file_of[key]}: tensor {key}: expert index {placement.expert} >= {want[0]} experts")
-            want = want[1:]
-        got = source.shape_of[key][::-1] if placement.transpose else source.shape_of[key]
-        if tuple(got) != tuple(want):
-            shown = tuple(want[::-1]) if placement.transpose else tuple(want)
-            raise JaxmoeError(f"{source.file_of[key]}: tensor {key} has shape {list(source.shape_of[key])}, expected {list(shown)}")
-        plan[placement.path].append((key, placement))
+        for placement in placements:
+            want = expected[placement.path].shape
+            if placement.expert is not None:
+                if not 0 <= placement.expert < want[0]:
+                    raise JaxmoeError(f"{source.file_of[key]}: tensor {key}: expert index {placement.expert} >= {want[0]} experts")
+                want = want[1:]
+            if placement.shape_from(source.shape_of[key]) != tuple(want):
+                raise JaxmoeError(f"{source.file_of[key]}: tensor {key} has shape {list(source.shape_of[key])}, "
+                                  f"expected {_hf_shape(placement, tuple(want))}")
+            plan[placement.path].append((key, placement))
     for path, struct in expected.items():
         entries = plan.get(path, [])
         per_expert = bool(entries) and entries[0][1].expert is not None
@@ -110,6 +112,13 @@ def plan_conversion(cfg: ModelConfig, source: SafetensorsSource):
         if not entries or (per_expert and rows != list(range(struct.shape[0]))) or (not per_expert and len(entries) > 1):
             raise JaxmoeError(_missing_message(cfg, rules, path, struct, entries, source))
     return plan, {path: np.dtype(struct.dtype) for path, struct in expected.items()}
+
+
+def _hf_shape(placement: Placement, want: tuple) -> list:
+    """The HF tensor shape that would fill `want` through `placement` (for error messages)."""
+    if placement.rule.columns is not None:
+        want = (*want[:-1], want[-1] * placement.rule.columns[1])
+    return list(want[::-1]) if placement.transpose else list(want)
 
 
 def _missing_message(cfg, rules, path, struct, entries, source) -> str:
@@ -127,22 +136,28 @@ def _missing_message(cfg, rules, path, struct, entries, source) -> str:
 
 
 def _read_piece(source, plan, paths, dtypes) -> dict:
-    """Reads, transposes, casts (to each parameter's own dtype) and stacks the tensors of `paths`."""
+    """Reads, transposes, slices, casts (to each parameter's own dtype) and stacks the tensors of `paths`. A
+    tensor split over several parameters (`KeyRule.columns`) is read once: the last one read is kept."""
     tree: dict = {}
+    last: list = [None, None]  # [key, tensor]
+
+    def read(key):
+        if last[0] != key:
+            last[:] = [None, None]  # drop the previous tensor before reading the next
+            last[:] = [key, source.read(key)]
+        return last[1]
+
     for path in paths:
         entries = plan[path]
         np_dtype = dtypes[path]
         if entries[0][1].expert is None:
             key, placement = entries[0]
-            value = source.read(key)
-            value = np.ascontiguousarray(value.T if placement.transpose else value).astype(np_dtype)
+            value = np.ascontiguousarray(placement.take(read(key))).astype(np_dtype)
         else:
             first_key, first = entries[0]
-            shape = source.shape_of[first_key][::-1] if first.transpose else source.shape_of[first_key]
-            value = np.empty((len(entries), *shape), np_dtype)
+            value = np.empty((len(entries), *first.shape_from(source.shape_of[first_key])), np_dtype)
             for key, placement in entries:
-                t = source.read(key)
-                value[placement.expert] = (t.T if placement.transpose else t).astype(np_dtype)
+                value[placement.expert] = placement.take(read(key)).astype(np_dtype)
         node = tree
         for p in path[:-1]:
             node = node.setdefault(p, {})
@@ -161,6 +176,8 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, force: bool =
     hf = read_hf_config(hf_dir)
     cfg = model_config_from_hf(hf, dtype)
     source = SafetensorsSource(hf_dir)
+    if quant_method(hf) == "mxfp4":  # accepted by the family adapter (GPT-OSS): dequantized while read
+        source = Mxfp4Source(source)
     plan, dtypes = plan_conversion(cfg, source)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

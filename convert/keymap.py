@@ -3,8 +3,10 @@
 A `KeyRule` pairs an HF key template with a target path template, e.g.
   KeyRule("model.layers.{layer}.self_attn.q_proj.weight", "layers.{layer}.attn.q_proj", transpose=True)
 `{layer}` and `{expert}` are integer placeholders; a rule whose HF template has `{expert}` fills one
-row of the stacked expert tensor at the target path. Templates also give the exact HF key to name
-when a tensor is missing.
+row of the stacked expert tensor at the target path. A rule with `columns=(start, step)` takes only the
+last-axis slice `[..., start::step]` of the tensor, so several rules can split one fused HF tensor
+(GPT-OSS's interleaved `gate_up_proj`). Templates also give the exact HF key to name when a tensor is
+missing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class KeyRule:
     hf: str  # HF key template with optional {layer} / {expert}
     target: str  # dotted target path template with optional {layer}
     transpose: bool = False  # torch Linear [out, in] -> our [in, out]
+    columns: tuple[int, int] | None = None  # (start, step): the last-axis slice taken, after any transpose
     regex: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -38,19 +41,38 @@ class Placement:
     transpose: bool
     rule: KeyRule
 
+    def shape_from(self, hf_shape: tuple) -> tuple:
+        """The shape this placement fills, from the HF tensor's shape."""
+        shape = tuple(hf_shape[::-1]) if self.transpose else tuple(hf_shape)
+        if self.rule.columns is not None:
+            start, step = self.rule.columns
+            shape = (*shape[:-1], len(range(start, shape[-1], step)))
+        return shape
+
+    def take(self, tensor):
+        """The part of HF tensor `tensor` (numpy) this placement fills, transposed and sliced."""
+        if self.transpose:
+            tensor = tensor.T
+        if self.rule.columns is not None:
+            start, step = self.rule.columns
+            tensor = tensor[..., start::step]
+        return tensor
+
 
 def target_path(template: str, layer: int | None) -> tuple:
     dotted = template.format(layer=layer) if layer is not None else template
     return tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
 
 
-def place(key: str, rules: list[KeyRule]) -> Placement | None:
-    """The placement of HF key `key`, or None if no rule matches it."""
+def place(key: str, rules: list[KeyRule]) -> list[Placement]:
+    """Every placement of HF key `key` (one per matching rule; several for a tensor split by `columns`), empty
+    if no rule matches it."""
+    out = []
     for rule in rules:
         m = rule.regex.match(key)
         if m:
             groups = m.groupdict()
             layer = int(groups["layer"]) if "layer" in groups else None
             expert = int(groups["expert"]) if "expert" in groups else None
-            return Placement(target_path(rule.target, layer), expert, rule.transpose, rule)
-    return None
+            out.append(Placement(target_path(rule.target, layer), expert, rule.transpose, rule))
+    return out

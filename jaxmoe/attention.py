@@ -26,27 +26,37 @@ def write_cache(cache, new, start):
     return jax.vmap(one)(cache, new, start)
 
 
-def causal_attention(q, k, v, positions, scale: float):
+def causal_attention(q, k, v, positions, scale: float, window: int | None = None, sinks=None):
     """Attention of new queries over the whole cache.
 
     q: [B, T, H, dk]; k: [B, S, KV, dk]; v: [B, S, KV, dv] with H % KV == 0;
     positions: int32[B, T] (query positions) -> [B, T, H, dv] in q's dtype.
+    A query at position p sees cache rows j <= p, and with `window` only p - window < j <= p.
+    sinks: [H] or None (GPT-OSS): one more logit per head in each softmax's denominator, attending to nothing.
     """
     b, t, h, dk = q.shape
     s, kv = k.shape[1], k.shape[2]
     q = q.reshape(b, t, kv, h // kv, dk)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32) * scale
-    visible = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    rows = jnp.arange(s)[None, None, :]
+    visible = rows <= positions[:, :, None]  # [B, T, S]
+    if window is not None:
+        visible = visible & (rows > positions[:, :, None] - window)
     scores = jnp.where(visible[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+    else:
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kv, h // kv, 1, 1), (*scores.shape[:-1], 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(q.dtype), v.astype(q.dtype))
     return out.reshape(b, t, h, v.shape[-1])
 
 
 class GQAttention(nnx.Module):
-    """Multi-head attention with grouped KV heads, optional q/k/v bias, q/k RMSNorm and partial RoPE."""
+    """Multi-head attention with grouped KV heads, optional q/k/v bias, q/k RMSNorm, partial RoPE, attention
+    sinks and a sliding window (`window`: this layer's, `ModelConfig.layer_window`)."""
 
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, window: int | None = None):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
         self.q_proj = normal_param(rngs, (d, h * hd), dtype)
@@ -59,6 +69,9 @@ class GQAttention(nnx.Module):
             self.v_bias = nnx.Param(jnp.zeros((kv * hd,), dtype))
         if cfg.attention_out_bias:
             self.o_bias = nnx.Param(jnp.zeros((d,), dtype))
+        if cfg.attention_sinks:
+            self.sinks = nnx.Param(jnp.zeros((h,), dtype))
+        self.window = window
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
@@ -104,6 +117,7 @@ class GQAttention(nnx.Module):
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         start = positions[:, 0]
         cache = {"k": write_cache(cache["k"], k, start), "v": write_cache(cache["v"], v, start)}
-        out = causal_attention(q, cache["k"], cache["v"], positions, self.scale)  # [B, T, H, hd]
+        sinks = self.sinks[...] if hasattr(self, "sinks") else None
+        out = causal_attention(q, cache["k"], cache["v"], positions, self.scale, self.window, sinks)  # [B, T, H, hd]
         o_bias = self.o_bias[...] if hasattr(self, "o_bias") else None
         return linear(out.reshape(b, t, -1), self.o_proj[...], o_bias), cache

@@ -117,9 +117,9 @@ def load_resident(model_dir: Path, dtype=None, quantize_experts: str | None = No
         layer = restore_piece(model_dir, f"layer_{i:03d}/dense", with_sharding(dense, device))
         if experts is not None:
             layer["moe"]["experts"] = restore_layer_experts(model_dir, i, experts, device)
-            if quantize_experts is not None:
-                layer["moe"]["experts"] = {name: jax.device_put(dequantize(*quantize(np.asarray(w), quantize_experts), w.dtype,
-                                                                      quantize_experts), device)
+            if quantize_experts is not None:  # the weight matrices; biases stay as they are, as offloaded
+                layer["moe"]["experts"] = {name: w if name.startswith("b_") else jax.device_put(
+                                               dequantize(*quantize(np.asarray(w), quantize_experts), w.dtype, quantize_experts), device)
                                            for name, w in layer["moe"]["experts"].items()}
         layers[i] = layer
     restored["layers"] = layers

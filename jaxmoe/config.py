@@ -72,6 +72,9 @@ class ModelConfig:
     attention_bias: bool = False  # bias on q/k/v projections
     attention_out_bias: bool = False  # bias on the output projection
     qk_norm: str = "none"  # "none" | "head" (per head_dim, Qwen3) | "full" (over all heads, OLMoE)
+    attention_sinks: bool = False  # a learned per-head logit in every softmax's denominator (GPT-OSS)
+    sliding_window: int | None = None  # keys within this many positions of the query, on the layers below
+    sliding_layers: tuple[bool, ...] = ()  # per layer: windowed (True) or full attention; () = all full
     # multi-head latent attention (DeepSeek)
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
@@ -86,6 +89,12 @@ class ModelConfig:
     topk_group: int = 1
     group_score: str = "max"  # "max" (DeepSeek-V2) | "top2_sum" (DeepSeek-V3)
     routed_scaling_factor: float = 1.0
+    router_logit_bias: bool = False  # a bias added to the router logits (GPT-OSS), unlike router_bias
+    # routed experts' FFN
+    expert_activation: str = "swiglu"  # "swiglu" | "gpt_oss" (clamped SwiGLU, see jaxmoe.moe.ExpertFFN)
+    expert_bias: bool = False  # biases on the experts' gate, up and down projections
+    swiglu_alpha: float = 1.702  # gpt_oss: sigmoid gain
+    swiglu_limit: float = 7.0  # gpt_oss: clamp of the gate (above) and up (both sides) projections
     # shared experts
     shared_intermediate_size: int = 0  # 0: no shared expert
     shared_expert_gated: bool = False  # sigmoid gate on the shared expert (Qwen2-MoE)
@@ -101,6 +110,14 @@ class ModelConfig:
             raise JaxmoeError("num_experts_per_tok exceeds num_experts")
         if self.attention_kind not in ("gqa", "mla"):
             raise JaxmoeError(f"attention_kind must be 'gqa' or 'mla', got {self.attention_kind!r}")
+        if self.expert_activation not in ("swiglu", "gpt_oss"):
+            raise JaxmoeError(f"expert_activation must be 'swiglu' or 'gpt_oss', got {self.expert_activation!r}")
+        if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
+            raise JaxmoeError(f"sliding_layers has {len(self.sliding_layers)} entries, num_layers is {self.num_layers}")
+        if (any(self.sliding_layers) or self.attention_sinks) and self.attention_kind != "gqa":
+            raise JaxmoeError("sliding-window attention and attention sinks need attention_kind 'gqa'")
+        if any(self.sliding_layers) and not (self.sliding_window and self.sliding_window > 0):
+            raise JaxmoeError(f"sliding_layers needs a positive sliding_window, got {self.sliding_window}")
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise JaxmoeError(f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
 
@@ -115,10 +132,15 @@ class ModelConfig:
             return self.qk_nope_head_dim + self.qk_rope_head_dim
         return self.head_dim
 
+    def layer_window(self, layer: int) -> int | None:
+        """The attention window of layer `layer` (keys p - window < j <= p), None for full causal attention."""
+        return self.sliding_window if self.sliding_layers and self.sliding_layers[layer] else None
+
     @property
     def expert_param_count(self) -> int:
-        """Elements of one routed expert (gate + up + down)."""
-        return 3 * self.hidden_size * self.moe_intermediate_size
+        """Elements of one routed expert (gate + up + down, and their biases if any)."""
+        d, f = self.hidden_size, self.moe_intermediate_size
+        return 3 * d * f + (2 * f + d if self.expert_bias else 0)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -136,6 +158,7 @@ class ModelConfig:
         d["rope_scaling"] = RopeScaling(**d.get("rope_scaling", {}))
         d["moe_layers"] = tuple(d["moe_layers"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
         return cls(**d)
 
 

@@ -4,7 +4,8 @@ State tree (what `nnx.split` yields and what converted checkpoints hold):
   embed.embedding [V, d]
   layers[l].input_norm.scale, layers[l].attn.*, layers[l].post_attn_norm.scale
   layers[l].mlp.{gate_proj, up_proj, down_proj}                       (dense layers)
-  layers[l].moe.router [d, E], .router_bias [E], .experts.{w_gate, w_up, w_down} [E, ...],
+  layers[l].moe.router [d, E], .router_bias [E], .router_logit_bias [E],
+  layers[l].moe.experts.{w_gate, w_up, w_down} [E, ...] (+ .{b_gate, b_up, b_down} [E, ...])
   layers[l].moe.shared.*, .shared_gate [d, 1]                           (MoE layers)
   final_norm.scale [d], lm_head [d, V] (absent when embeddings are tied)
 
@@ -37,7 +38,10 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.input_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.attn = ATTENTION_MODULES[cfg.attention_kind](cfg, dtype, rngs)
+        if cfg.attention_kind == "gqa":
+            self.attn = GQAttention(cfg, dtype, rngs, window=cfg.layer_window(layer_id))
+        else:
+            self.attn = MLAttention(cfg, dtype, rngs)
         self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
         self.is_moe = cfg.moe_layers[layer_id]
         if self.is_moe:

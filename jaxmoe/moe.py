@@ -1,8 +1,10 @@
 """The MoE block (router + routed experts + optional shared expert) and the routed-expert kernels.
 
 Routed-expert weights are stacked over a leading "slot" axis: `w_gate, w_up: [S, d, f]`,
-`w_down: [S, f, d]` (arrays, or `jaxmoe.expert_quant.QuantizedStack`s the offloaded kernels index alike). In the resident model slot == expert id; the offloading runtime passes a
-fixed-size pool of device slots and slot ids instead. Interchangeable kernels:
+`w_down: [S, f, d]` (arrays, or `jaxmoe.expert_quant.QuantizedStack`s the offloaded kernels index alike), and
+where the model has them (GPT-OSS) the biases `bias = (b_gate [S, f], b_up [S, f], b_down [S, d])`. The FFN
+each expert applies is an `ExpertFFN` (static). In the resident model slot == expert id; the offloading
+runtime passes a fixed-size pool of device slots and slot ids instead. Interchangeable kernels:
   - `experts_gather`: gathers each token's k expert matrices (few tokens: decode).
   - `experts_grouped`: sorts token-expert pairs by slot and runs `jax.lax.ragged_dot` (resident prefill).
   - `experts_bucketed`: sorts pairs into a [groups, rows] table sized on the host and scans one FFN per
@@ -12,6 +14,8 @@ fixed-size pool of device slots and slot ids instead. Interchangeable kernels:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +23,7 @@ from flax import nnx
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.expert_quant import weight_row
-from jaxmoe.layers import SwiGLUMLP, linear, normal_param, swiglu
+from jaxmoe.layers import SwiGLUMLP, linear, normal_param
 from jaxmoe.routing import RouterSpec, router_logits, select_experts
 
 GATHER_MAX_TOKENS = 8  # up to this many tokens the gather kernel is used, above it the grouped one
@@ -28,6 +32,62 @@ MIN_BUCKET_ROWS = 8  # experts_bucketed: smallest rows-per-group bucket
 
 class ExpertWeight(nnx.Param):
     """A routed-expert weight stacked over experts (leading axis). Offloading keeps these on the host."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertFFN:
+    """The function one routed expert applies (hashable: a static jit argument).
+
+    "swiglu" (Mixtral, Qwen, DeepSeek, GLM, OLMoE): silu(x Wg) * (x Wu), then Wd.
+    "gpt_oss": g = min(x Wg + bg, limit), u = clip(x Wu + bu, -limit, limit), then
+    (g * sigmoid(alpha * g) * (u + 1)) Wd + bd, as transformers' GptOssExperts.
+    Biases are added wherever the model has them (`bias` of the kernels), for either activation."""
+
+    activation: str = "swiglu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "ExpertFFN":
+        return cls(cfg.expert_activation, float(cfg.swiglu_alpha), float(cfg.swiglu_limit))
+
+    def glu(self, gate, up):
+        """gate, up: [..., f] (x Wg + bg, x Wu + bu) -> [..., f], in their dtype."""
+        if self.activation == "swiglu":
+            return jax.nn.silu(gate) * up
+        gate = jnp.minimum(gate, self.limit)
+        up = jnp.clip(up, -self.limit, self.limit)
+        return gate * jax.nn.sigmoid(gate * self.alpha) * (up + 1)
+
+
+SWIGLU = ExpertFFN()
+EXPERT_NAMES = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")  # canonical order; biases optional
+
+
+def expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of one routed expert's tensors, in EXPERT_NAMES order (biases only where the model has them)."""
+    d, f = cfg.hidden_size, cfg.moe_intermediate_size
+    shapes = {"w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
+    if cfg.expert_bias:
+        shapes.update(b_gate=(f,), b_up=(f,), b_down=(d,))
+    return shapes
+
+
+def slot_bias(slots: dict):
+    """Slot buffers {name: [S, ...]} -> (b_gate, b_up, b_down) or None (the kernels' `bias`)."""
+    return (slots["b_gate"], slots["b_up"], slots["b_down"]) if "b_gate" in slots else None
+
+
+def expert_ffn(x, w_gate, w_up, w_down, ffn: ExpertFFN = SWIGLU, bias=None):
+    """One expert over rows x: [R, d]; w_gate, w_up: [d, f]; w_down: [f, d]; bias: (b_gate [f], b_up [f],
+    b_down [d]) or None -> [R, d]."""
+    b_gate, b_up, b_down = (None,) * 3 if bias is None else bias
+    return linear(ffn.glu(linear(x, w_gate, b_gate), linear(x, w_up, b_up)), w_down, b_down)
+
+
+def _rows(bias, index):
+    """bias: (b_gate, b_up, b_down) stacked over slots, or None -> the rows `index` of each (or None)."""
+    return None if bias is None else tuple(b[index] for b in bias)
 
 
 def combine_pairs(y, weights, out_dtype=None):
@@ -41,16 +101,22 @@ def combine_pairs(y, weights, out_dtype=None):
     return out.astype(out_dtype or y.dtype)
 
 
-def experts_gather(x, slot_ids, weights, w_gate, w_up, w_down, out_dtype=None):
-    """x: [N, d]; slot_ids: int32[N, k]; weights: [N, k]; w_*: [S, ...] -> [N, d] (`combine_pairs`)."""
+def experts_gather(x, slot_ids, weights, w_gate, w_up, w_down, out_dtype=None, ffn: ExpertFFN = SWIGLU, bias=None):
+    """x: [N, d]; slot_ids: int32[N, k]; weights: [N, k]; w_*: [S, ...]; bias: (b_gate, b_up, b_down) [S, ...]
+    or None -> [N, d] (`combine_pairs`)."""
     wg, wu, wd = w_gate[slot_ids], w_up[slot_ids], w_down[slot_ids]  # [N, k, d, f], [N, k, f, d]
-    h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", x, wg.astype(x.dtype)))
-    h = h * jnp.einsum("nd,nkdf->nkf", x, wu.astype(x.dtype))
-    y = jnp.einsum("nkf,nkfd->nkd", h, wd.astype(x.dtype))  # [N, k, d]
+    gate = jnp.einsum("nd,nkdf->nkf", x, wg.astype(x.dtype))
+    up = jnp.einsum("nd,nkdf->nkf", x, wu.astype(x.dtype))
+    b_gate, b_up, b_down = (None,) * 3 if bias is None else (b.astype(x.dtype) for b in _rows(bias, slot_ids))
+    if bias is not None:
+        gate, up = gate + b_gate, up + b_up
+    y = jnp.einsum("nkf,nkfd->nkd", ffn.glu(gate, up), wd.astype(x.dtype))  # [N, k, d]
+    if bias is not None:
+        y = y + b_down
     return combine_pairs(y, weights, out_dtype)
 
 
-def experts_grouped(x, slot_ids, weights, w_gate, w_up, w_down, out_dtype=None):
+def experts_grouped(x, slot_ids, weights, w_gate, w_up, w_down, out_dtype=None, ffn: ExpertFFN = SWIGLU, bias=None):
     """Same contract as `experts_gather`; groups token-expert pairs by slot and uses ragged_dot."""
     n, k = slot_ids.shape
     num_slots = w_gate.shape[0]
@@ -59,9 +125,14 @@ def experts_grouped(x, slot_ids, weights, w_gate, w_up, w_down, out_dtype=None):
     token_of = order // k  # [N*k]
     xs = x[token_of]  # [N*k, d]
     group_sizes = jnp.bincount(flat_slots, length=num_slots).astype(jnp.int32)
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate.astype(x.dtype), group_sizes))
-    h = h * jax.lax.ragged_dot(xs, w_up.astype(x.dtype), group_sizes)
-    y = jax.lax.ragged_dot(h, w_down.astype(x.dtype), group_sizes)  # [N*k, d], sorted by slot
+    gate = jax.lax.ragged_dot(xs, w_gate.astype(x.dtype), group_sizes)
+    up = jax.lax.ragged_dot(xs, w_up.astype(x.dtype), group_sizes)
+    if bias is not None:
+        b_gate, b_up, b_down = (b.astype(x.dtype) for b in _rows(bias, flat_slots[order]))  # [N*k, ...]
+        gate, up = gate + b_gate, up + b_up
+    y = jax.lax.ragged_dot(ffn.glu(gate, up), w_down.astype(x.dtype), group_sizes)  # [N*k, d], sorted by slot
+    if bias is not None:
+        y = y + b_down
     pairs = jnp.zeros_like(y).at[order].set(y)  # back in (token, rank) order: `order` is a permutation
     return combine_pairs(pairs.reshape(n, k, -1), weights, out_dtype)
 
@@ -83,7 +154,7 @@ def plan_buckets(slot_ids, num_groups: int | None = None) -> tuple[int, int]:
 
 
 def experts_bucketed(x, slot_ids, weights, w_gate, w_up, w_down, num_groups: int, rows_per_group: int,
-                     out_dtype=None):
+                     out_dtype=None, ffn: ExpertFFN = SWIGLU, bias=None):
     """Same contract as `experts_gather` (slot_ids -1: pair skipped), at a cost independent of the number of
     slots S: token-expert pairs are sorted by slot into a table of `num_groups` groups x `rows_per_group`
     rows, and a scan runs one FFN per used slot over its rows ([R, d] @ [d, f]; unused groups skipped).
@@ -117,7 +188,7 @@ def experts_bucketed(x, slot_ids, weights, w_gate, w_up, w_down, num_groups: int
             present = rows >= 0
             token = jnp.where(present, rows, 0) // k
             w = [weight_row(m, slot) for m in (w_gate, w_up, w_down)]
-            y = swiglu(x[token], *w)  # [R, d]
+            y = expert_ffn(x[token], *w, ffn, _rows(bias, slot))  # [R, d]
             return pair_out.at[jnp.where(present, rows, pairs)].set(y, mode="drop")  # each pair written once
 
         return jax.lax.cond(slot >= 0, run, lambda pair_out: pair_out, pair_out), None
@@ -127,16 +198,18 @@ def experts_bucketed(x, slot_ids, weights, w_gate, w_up, w_down, num_groups: int
     return combine_pairs(pair_out.reshape(n, k, -1), jnp.where(slot_ids >= 0, weights, 0), out_dtype)
 
 
-def experts_reference(x, slot_ids, weights, w_gate, w_up, w_down):
+def experts_reference(x, slot_ids, weights, w_gate, w_up, w_down, ffn: ExpertFFN = SWIGLU, bias=None):
     """Naive reference: every slot's FFN over every token, masked by the routing. O(S) compute."""
     out = jnp.zeros_like(x)
     for s in range(w_gate.shape[0]):
         token_weight = jnp.where(slot_ids == s, weights, 0).sum(-1)  # [N]
-        out = out + swiglu(x, w_gate[s], w_up[s], w_down[s]) * token_weight[:, None].astype(x.dtype)
+        y = expert_ffn(x, w_gate[s], w_up[s], w_down[s], ffn, _rows(bias, s))
+        out = out + y * token_weight[:, None].astype(x.dtype)
     return out
 
 
-def experts_capacity(x, slot_ids, weights, w_gate, w_up, w_down, capacity_factor: float = 2.0):
+def experts_capacity(x, slot_ids, weights, w_gate, w_up, w_down, capacity_factor: float = 2.0, ffn: ExpertFFN = SWIGLU,
+                     bias=None):
     """Training kernel (GShard-style): token-expert pairs scattered into per-slot buffers [S, C, d]
     with C = ceil(capacity_factor * N * k / S), one batched matmul per weight, gathered back.
     Pairs beyond a slot's capacity are dropped (standard in MoE training; the load-balancing loss
@@ -152,9 +225,15 @@ def experts_capacity(x, slot_ids, weights, w_gate, w_up, w_down, capacity_factor
     token_of = jnp.arange(n * k) // k
     buf = jnp.zeros((num_slots * capacity + 1, d), x.dtype).at[row].set(x[token_of])
     buf = buf[:-1].reshape(num_slots, capacity, d)
-    h = jax.nn.silu(jnp.einsum("scd,sdf->scf", buf, w_gate.astype(x.dtype)))
-    h = h * jnp.einsum("scd,sdf->scf", buf, w_up.astype(x.dtype))
-    y = jnp.einsum("scf,sfd->scd", h, w_down.astype(x.dtype)).reshape(num_slots * capacity, d)
+    gate = jnp.einsum("scd,sdf->scf", buf, w_gate.astype(x.dtype))
+    up = jnp.einsum("scd,sdf->scf", buf, w_up.astype(x.dtype))
+    b_gate, b_up, b_down = (None,) * 3 if bias is None else (b.astype(x.dtype)[:, None] for b in bias)
+    if bias is not None:
+        gate, up = gate + b_gate, up + b_up
+    y = jnp.einsum("scf,sfd->scd", ffn.glu(gate, up), w_down.astype(x.dtype))
+    if bias is not None:
+        y = y + b_down
+    y = y.reshape(num_slots * capacity, d)
     y = jnp.concatenate([y, jnp.zeros((1, d), y.dtype)])[row]  # [N*k, d], dropped pairs -> 0
     y = y * (weights.reshape(-1) * keep)[:, None].astype(y.dtype)
     return jnp.zeros_like(x).at[token_of].add(y)
@@ -164,23 +243,34 @@ EXPERT_KERNELS = {"gather": experts_gather, "grouped": experts_grouped, "referen
                   "capacity": experts_capacity}
 
 
-def routed_experts(x, slot_ids, weights, w_gate, w_up, w_down, kernel: str = "auto", out_dtype=None):
+def routed_experts(x, slot_ids, weights, w_gate, w_up, w_down, kernel: str = "auto", out_dtype=None,
+                   ffn: ExpertFFN = SWIGLU, bias=None):
     """Dispatches to a kernel; "auto" picks gather for <= GATHER_MAX_TOKENS tokens, else grouped.
     out_dtype (gather and grouped only): see `combine_pairs`."""
     if kernel == "auto":
         kernel = "gather" if x.shape[0] <= GATHER_MAX_TOKENS else "grouped"
     extra = {} if out_dtype is None else {"out_dtype": out_dtype}
-    return EXPERT_KERNELS[kernel](x, slot_ids, weights, w_gate, w_up, w_down, **extra)
+    return EXPERT_KERNELS[kernel](x, slot_ids, weights, w_gate, w_up, w_down, ffn=ffn, bias=bias, **extra)
 
 
 class RoutedExperts(nnx.Module):
-    """All routed experts of one layer, stacked: w_gate/w_up [E, d, f], w_down [E, f, d]."""
+    """All routed experts of one layer, stacked: w_gate/w_up [E, d, f], w_down [E, f, d]; with `bias`,
+    b_gate/b_up [E, f], b_down [E, d]."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype, rngs: nnx.Rngs,
+                 bias: bool = False):
         e, d, f = num_experts, hidden_size, intermediate_size
         self.w_gate = ExpertWeight(normal_param(rngs, (e, d, f), dtype)[...])
         self.w_up = ExpertWeight(normal_param(rngs, (e, d, f), dtype)[...])
         self.w_down = ExpertWeight(normal_param(rngs, (e, f, d), dtype)[...])
+        if bias:
+            self.b_gate = ExpertWeight(jnp.zeros((e, f), dtype))
+            self.b_up = ExpertWeight(jnp.zeros((e, f), dtype))
+            self.b_down = ExpertWeight(jnp.zeros((e, d), dtype))
+
+    def bias(self):
+        """(b_gate, b_up, b_down) or None."""
+        return (self.b_gate[...], self.b_up[...], self.b_down[...]) if hasattr(self, "b_gate") else None
 
 
 class MoEBlock(nnx.Module):
@@ -189,10 +279,13 @@ class MoEBlock(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.spec = RouterSpec.from_config(cfg)
+        self.ffn = ExpertFFN.from_config(cfg)
         self.router = normal_param(rngs, (d, cfg.num_experts), dtype)
+        if cfg.router_logit_bias:
+            self.router_logit_bias = nnx.Param(jnp.zeros((cfg.num_experts,), dtype))
         if cfg.router_bias:
             self.router_bias = nnx.Param(jnp.zeros((cfg.num_experts,), jnp.float32))
-        self.experts = RoutedExperts(cfg.num_experts, d, cfg.moe_intermediate_size, dtype, rngs)
+        self.experts = RoutedExperts(cfg.num_experts, d, cfg.moe_intermediate_size, dtype, rngs, cfg.expert_bias)
         if cfg.shared_intermediate_size:
             self.shared = SwiGLUMLP(d, cfg.shared_intermediate_size, dtype, rngs)
             if cfg.shared_expert_gated:
@@ -200,7 +293,8 @@ class MoEBlock(nnx.Module):
 
     def route(self, x):
         """x: [N, d] -> (expert_ids int32[N, k], expert_weights float32[N, k], logits float32[N, E])."""
-        logits = router_logits(x, self.router[...])
+        logit_bias = self.router_logit_bias[...] if hasattr(self, "router_logit_bias") else None
+        logits = router_logits(x, self.router[...], logit_bias)
         bias = self.router_bias[...] if hasattr(self, "router_bias") else None
         ids, weights = select_experts(logits, self.spec, bias)
         return ids, weights, logits
@@ -220,6 +314,7 @@ class MoEBlock(nnx.Module):
         flat = x.reshape(b * t, d)
         ids, weights, logits = self.route(flat)
         w = self.experts
-        routed = routed_experts(flat, ids, weights, w.w_gate[...], w.w_up[...], w.w_down[...], kernel)
+        routed = routed_experts(flat, ids, weights, w.w_gate[...], w.w_up[...], w.w_down[...], kernel, ffn=self.ffn,
+                                bias=w.bias())
         out = routed + self.shared_output(flat)
         return out.reshape(b, t, d), {"expert_ids": ids, "expert_weights": weights, "router_logits": logits}

@@ -35,7 +35,10 @@ from jaxmoe.errors import JaxmoeError
 from jaxmoe.expert_quant import QuantizedStack, check_quantize, quantize, quantized_shapes
 from jaxmoe.inplace import update_row
 from jaxmoe.model import ATTENTION_MODULES, lm_logits
-from jaxmoe.moe import GATHER_MAX_TOKENS, ExpertWeight, experts_bucketed, plan_buckets, routed_experts
+from jaxmoe.moe import (
+    EXPERT_NAMES, GATHER_MAX_TOKENS, ExpertFFN, ExpertWeight, expert_shapes, experts_bucketed, plan_buckets, routed_experts,
+    slot_bias,
+)
 from predictors.base import FrequencyPredictor, GateLookaheadPredictor, PreviousTokenPredictor
 from scheduler.eviction import LFU, LRU, Belady, ExpectedReuse
 from scheduler.expert_cache import COPIES_IN_FLIGHT, ExpertCache
@@ -43,7 +46,6 @@ from scheduler.link import EmulatedLink
 from scheduler.planners import Adaptive, NoPrefetch, OraclePlanner, PlanContext, PreSched, TopKPrefetch
 from scheduler.speculation import MODES as SPECULATION_MODES, Speculation, redo_fraction
 
-EXPERT_NAMES = ("w_gate", "w_up", "w_down")
 PREFILL_CHUNK = 256  # tokens per prefill chunk
 PACK_THREADS = min(8, os.cpu_count() or 1)  # experts packed (and quantized) at once while loading
 PROGRESS_MIN_BYTES = 2**30  # loading more routed-expert bytes than this shows a progress bar
@@ -82,21 +84,22 @@ def moe_front(graphdef, state, h, cache, positions, scorer=None, scorer_params=N
     return h, cache, flat, ids, weights, features, scorer_state
 
 
-@partial(jax.jit, static_argnames=("kernel",))
-def routed_over_slots(flat, slot_ids, weights, slots, kernel):
+@partial(jax.jit, static_argnames=("kernel", "ffn"))
+def routed_over_slots(flat, slot_ids, weights, slots, kernel, ffn: ExpertFFN):
     """flat: [N, d]; slot_ids: int32[N, k], -1 where the expert is not in this group (weight dropped);
-    weights: f32[N, k]; slots: {w_*: [S, ...]} -> float32[N, d], rounded by `moe_back` only after the
-    expert groups of one layer are added up (the sum cannot depend on how many slots there are).
-    kernel: "gather" (few tokens), or ("bucketed", num_groups, rows_per_group) from `plan_buckets`."""
+    weights: f32[N, k]; slots: {w_*: [S, ...], and b_* where the experts have biases} -> float32[N, d],
+    rounded by `moe_back` only after the expert groups of one layer are added up (the sum cannot depend on
+    how many slots there are). kernel: "gather" (few tokens), or ("bucketed", num_groups, rows_per_group)
+    from `plan_buckets`; ffn: the experts' function (`MoEBlock.ffn`)."""
     if isinstance(kernel, tuple):
         _, num_groups, rows_per_group = kernel
         return experts_bucketed(flat, slot_ids, weights, slots["w_gate"], slots["w_up"], slots["w_down"],
-                                num_groups, rows_per_group, out_dtype=jnp.float32)
+                                num_groups, rows_per_group, out_dtype=jnp.float32, ffn=ffn, bias=slot_bias(slots))
     in_group = slot_ids >= 0
     weights = jnp.where(in_group, weights, 0.0)
     slot_ids = jnp.where(in_group, slot_ids, 0)  # any valid slot: its contribution is weighted by 0
     return routed_experts(flat, slot_ids, weights, slots["w_gate"], slots["w_up"], slots["w_down"], kernel,
-                          out_dtype=jnp.float32)
+                          out_dtype=jnp.float32, ffn=ffn, bias=slot_bias(slots))
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -113,7 +116,7 @@ def moe_back_front(graphdef, state, h, flat, slot_ids, weights, slots, routed_pa
     """One dispatch per MoE layer in steady state: this layer's routed experts over the slots (plus
     `routed_partial` [N, d] from earlier expert groups, or None), its shared expert and residual, then
     the next MoE layer's attention and router. Returns what `moe_front` returns for the next layer."""
-    routed = routed_over_slots.__wrapped__(flat, slot_ids, weights, slots, kernel)
+    routed = routed_over_slots.__wrapped__(flat, slot_ids, weights, slots, kernel, graphdef.merge(state).moe.ffn)
     if routed_partial is not None:
         routed = routed + routed_partial
     h = moe_back.__wrapped__(graphdef, state, h, flat, routed)
@@ -140,7 +143,7 @@ def moe_layer_over_slots(graph, state, h, cache, positions, slot_row, slots, for
     else:
         scores, scorer_state = scorer(scorer_params, scorer_state, pos, h[0, -1], logits[-1], ids[-1])
         features = jnp.concatenate([ids[-1].astype(jnp.float32), scores.reshape(-1).astype(jnp.float32)])
-    routed = routed_over_slots.__wrapped__(flat, slot_ids, weights, slots, "gather")
+    routed = routed_over_slots.__wrapped__(flat, slot_ids, weights, slots, "gather", layer.moe.ffn)
     h = moe_back.__wrapped__(graph, state, h, flat, routed)
     return h, cache, ids[0], jnp.any(slot_ids < 0), features, scorer_state
 
@@ -214,13 +217,19 @@ def final_logits(graphdef, state, head, h):
 
 
 def pack_expert(weights: dict, dtype, quantize_mode: str | None = None) -> np.ndarray:
-    """{w_gate [d, f], w_up [d, f], w_down [f, d]} -> one flat array, so moving an expert is one host-to-device
-    copy instead of three (about half the per-copy cost). quantize_mode None: [3*d*f] of `dtype` (EXPERT_NAMES
-    order); "int8" / "int4": uint8 bytes, per weight its codes then its float32 scales (`expert_quant.quantize`)."""
+    """{w_gate [d, f], w_up [d, f], w_down [f, d], and b_gate [f], b_up [f], b_down [d] where the model has them}
+    -> one flat array, so moving an expert is one host-to-device copy instead of three or six (about half the
+    per-copy cost). quantize_mode None: [3*d*f (+ 2*f + d)] of `dtype` (EXPERT_NAMES order); "int8" / "int4":
+    uint8 bytes, per weight matrix its codes then its float32 scales (`expert_quant.quantize`), per bias its
+    `dtype` bytes."""
+    names = [n for n in EXPERT_NAMES if n in weights]
     if quantize_mode is None:
-        return np.concatenate([np.asarray(weights[n]).astype(dtype).reshape(-1) for n in EXPERT_NAMES])
+        return np.concatenate([np.asarray(weights[n]).astype(dtype).reshape(-1) for n in names])
     parts = []
-    for n in EXPERT_NAMES:
+    for n in names:
+        if n.startswith("b_"):
+            parts.append(np.ascontiguousarray(np.asarray(weights[n]).astype(dtype).reshape(-1)).view(np.uint8))
+            continue
         codes, scale = quantize(weights[n], quantize_mode)
         parts += [codes.reshape(-1).view(np.uint8), scale.reshape(-1).view(np.uint8)]
     return np.concatenate(parts)
@@ -233,6 +242,9 @@ def empty_slots(expert_shapes: dict, num_slots: int, quantize_mode: str | None =
         return {n: jnp.zeros((num_slots, *shape), dtype) for n, (shape, dtype) in expert_shapes.items()}
     out = {}
     for n, (shape, dtype) in expert_shapes.items():
+        if n.startswith("b_"):  # biases stay unquantized
+            out[n] = jnp.zeros((num_slots, *shape), dtype)
+            continue
         (codes_shape, codes_dtype), scale_shape = quantized_shapes(shape, quantize_mode)
         out[n] = QuantizedStack(jnp.zeros((num_slots, *codes_shape), codes_dtype),
                                 jnp.zeros((num_slots, *scale_shape), jnp.float32), jnp.dtype(dtype).name, quantize_mode)
@@ -242,9 +254,9 @@ def empty_slots(expert_shapes: dict, num_slots: int, quantize_mode: str | None =
 @partial(jax.jit, donate_argnames=("slots",))
 def write_slot(slots, slot, packed):
     """In-place write of one packed expert (`pack_expert`, already on the device) into row `slot` of the
-    slot buffers {w_*: [S, ...]} (or `QuantizedStack`s, from packed bytes)."""
+    slot buffers {w_*: [S, ...], b_*: [S, ...]} (or `QuantizedStack`s and biases, from packed bytes)."""
     out, start = {}, 0
-    for name in EXPERT_NAMES:
+    for name in [n for n in EXPERT_NAMES if n in slots]:
         buffer = slots[name]
         if isinstance(buffer, QuantizedStack):
             codes_shape, scale_shape = buffer.codes.shape[1:], buffer.scale.shape[1:]
@@ -259,6 +271,12 @@ def write_slot(slots, slot, packed):
             continue
         shape = buffer.shape[1:]
         size = math.prod(shape)
+        if packed.dtype == jnp.uint8 and buffer.dtype != jnp.uint8:  # a bias among quantized weights: its bytes
+            width = jnp.dtype(buffer.dtype).itemsize
+            value = jax.lax.bitcast_convert_type(packed[start : start + width * size].reshape(size, width), buffer.dtype)
+            out[name] = update_row(buffer, value.reshape(shape), slot)
+            start += width * size
+            continue
         out[name] = update_row(buffer, packed[start : start + size].reshape(shape), slot)
         start += size
     return out
@@ -300,12 +318,12 @@ class ExpertStore:
         with ThreadPoolExecutor(PACK_THREADS) as pool:  # numpy releases the GIL: experts pack in parallel
             for layer, abstract in layers:
                 stack = restore_layer_experts(model_dir, layer, abstract, host)
-                arrays = {name: np.asarray(stack[name]) for name in EXPERT_NAMES}
+                arrays = {name: np.asarray(stack[name]) for name in EXPERT_NAMES if name in stack}
                 del stack
-                pack = lambda e: pack_expert({n: arrays[n][e] for n in EXPERT_NAMES}, dtype, quantize)  # noqa: E731
+                pack = lambda e: pack_expert({n: a[e] for n, a in arrays.items()}, dtype, quantize)  # noqa: E731
                 for e, packed in enumerate(pool.map(pack, range(cfg.num_experts))):
                     self.experts[(layer, e)] = jax.device_put(packed, host)
-        self.expert_shapes = {n: (arrays[n].shape[1:], jnp.dtype(dtype)) for n in EXPERT_NAMES}
+        self.expert_shapes = {n: (a.shape[1:], jnp.dtype(dtype)) for n, a in arrays.items()}
         self.expert_bytes = next(iter(self.experts.values())).nbytes
 
     def get(self, key):
@@ -369,6 +387,7 @@ class OffloadEngine:
         if policy not in POLICIES:
             raise JaxmoeError(f"--policy {policy!r}: unknown; available: resident, {', '.join(POLICIES)}")
         self.cfg, self.store, self.tokenizer, self.policy = cfg, store, tokenizer, policy
+        self.ffn = ExpertFFN.from_config(cfg)  # the routed experts' function (static in the slot kernels)
         self.device = device or jax.devices()[0]
         self.layer_parts = layer_parts  # per layer: (is_moe, StaticGraph, flat state leaves, nnx state w/o experts)
         self.globals = globals_parts
@@ -469,7 +488,7 @@ class OffloadEngine:
             layers[i] = restore_piece(model_dir, f"layer_{i:03d}/dense", with_sharding(dense, dev))
             if experts is not None:
                 abstract_experts[i] = experts
-                layers[i]["moe"]["experts"] = {n: jnp.zeros((0,), dtype) for n in EXPERT_NAMES}  # placeholders
+                layers[i]["moe"]["experts"] = {n: jnp.zeros((0,), dtype) for n in expert_shapes(cfg)}  # placeholders
         restored["layers"] = layers
         nnx.replace_by_pure_dict(abstract_state, restored)
         model = nnx.merge(graphdef, abstract_state)
@@ -589,7 +608,7 @@ class OffloadEngine:
             if n == len(groups) - 1:
                 break
             with self._slots_lock:
-                part = routed_over_slots(flat, slot_ids, weights, self.slots, kernel)
+                part = routed_over_slots(flat, slot_ids, weights, self.slots, kernel, self.ffn)
             routed = part if routed is None else routed + part
         return slot_ids, routed, kernel, needed, valid_ids, packed, planned
 
@@ -737,7 +756,7 @@ class OffloadEngine:
                 front = (h, *rest)
             else:
                 with self._slots_lock:
-                    routed = routed_over_slots(flat, slot_ids, weights, self.slots, kernel)
+                    routed = routed_over_slots(flat, slot_ids, weights, self.slots, kernel, self.ffn)
                 if partial_routed is not None:
                     routed = routed + partial_routed
                 h = moe_back(g, state, h, flat, routed)

@@ -40,9 +40,11 @@ class RouterSpec:
         )
 
 
-def router_logits(x, router_kernel):
-    """x: [N, d]; router_kernel: [d, E] -> float32[N, E] (computed in float32, as HF does)."""
-    return x.astype(jnp.float32) @ router_kernel.astype(jnp.float32)
+def router_logits(x, router_kernel, logit_bias=None):
+    """x: [N, d]; router_kernel: [d, E]; logit_bias: [E] or None (GPT-OSS) -> float32[N, E] (computed in
+    float32)."""
+    logits = x.astype(jnp.float32) @ router_kernel.astype(jnp.float32)
+    return logits if logit_bias is None else logits + logit_bias.astype(jnp.float32)
 
 
 def select_experts(logits, spec: RouterSpec, selection_bias=None):

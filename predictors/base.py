@@ -80,12 +80,13 @@ class PreviousTokenPredictor:
 class GateLookaheadPredictor:
     """ProMoE-style pre-gating: apply later layers' pre-router norm + router to the current hidden state.
 
-    router_kernels: float32[L, d, E]; norm_scales: float32[L, d]; selection_bias: float32[L, E] or None.
+    router_kernels: float32[L, d, E]; norm_scales: float32[L, d]; selection_bias: float32[L, E] or None;
+    logit_bias: float32[L, E] or None (GPT-OSS's routers add a bias to their logits).
     """
 
     name = "gate-lookahead"
 
-    def __init__(self, router_kernels, norm_scales, eps: float, selection_bias=None):
+    def __init__(self, router_kernels, norm_scales, eps: float, selection_bias=None, logit_bias=None):
         self.router_kernels = np.asarray(router_kernels, np.float32)
         self.norm_scales = np.asarray(norm_scales, np.float32)
         self.eps = eps
@@ -96,6 +97,8 @@ class GateLookaheadPredictor:
         copies = 2 + MAX_HORIZON // len(folded)
         self._kernels_ext = np.concatenate([folded] * copies)  # [(2 + H/L) L, d, E]
         self._bias_ext = None if self.selection_bias is None else np.concatenate([self.selection_bias] * copies)
+        self.logit_bias = None if logit_bias is None else np.asarray(logit_bias, np.float32)
+        self._logit_bias_ext = None if logit_bias is None else np.concatenate([self.logit_bias] * copies)
 
     def reset(self) -> None:
         pass
@@ -104,6 +107,8 @@ class GateLookaheadPredictor:
         h = np.asarray(hidden, np.float32)
         normed = h * np.float32(1.0 / np.sqrt(np.dot(h, h) / len(h) + self.eps))  # [d]
         scores = np.matmul(normed, self._kernels_ext[pos + 1 : pos + 1 + horizon])  # [H, E]
+        if self._logit_bias_ext is not None:
+            scores = scores + self._logit_bias_ext[pos + 1 : pos + 1 + horizon]
         if self._bias_ext is not None:  # sigmoid routers with a selection bias (DeepSeek-V3)
             scores = 1.0 / (1.0 + np.exp(-scores)) + self._bias_ext[pos + 1 : pos + 1 + horizon]
         return scores
@@ -115,14 +120,19 @@ class GateLookaheadPredictor:
         """-> (scorer, params): this predictor inside the layer's jitted program (`predictors.fused`)."""
         from predictors.fused import fuse_gate_lookahead
 
-        return fuse_gate_lookahead(self._kernels_ext, self._bias_ext, len(self.router_kernels), self.eps, horizon)
+        return fuse_gate_lookahead(self._kernels_ext, self._bias_ext, len(self.router_kernels), self.eps, horizon,
+                                   self._logit_bias_ext)
 
     @classmethod
     def from_layer_trees(cls, moe_layer_trees: list[dict], eps: float) -> "GateLookaheadPredictor":
-        """From the pure-dict state of each MoE layer (keys post_attn_norm.scale, moe.router, moe.router_bias)."""
+        """From the pure-dict state of each MoE layer (keys post_attn_norm.scale, moe.router, moe.router_bias,
+        moe.router_logit_bias)."""
         kernels = np.stack([np.asarray(t["moe"]["router"], np.float32) for t in moe_layer_trees])
         scales = np.stack([np.asarray(t["post_attn_norm"]["scale"], np.float32) for t in moe_layer_trees])
         bias = None
         if "router_bias" in moe_layer_trees[0]["moe"]:
             bias = np.stack([np.asarray(t["moe"]["router_bias"], np.float32) for t in moe_layer_trees])
-        return cls(kernels, scales, eps, bias)
+        logit_bias = None
+        if "router_logit_bias" in moe_layer_trees[0]["moe"]:
+            logit_bias = np.stack([np.asarray(t["moe"]["router_logit_bias"], np.float32) for t in moe_layer_trees])
+        return cls(kernels, scales, eps, bias, logit_bias)

@@ -102,6 +102,8 @@ def batched_scores(predictor, trace: TraceData, rows, pos, hist_tok, tgt_layer, 
         normed = hidden / np.sqrt(np.mean(hidden * hidden, -1, keepdims=True) + predictor.eps)
         x = normed[:, None, :] * predictor.norm_scales[layers]  # [B, H, d]
         scores = np.einsum("bhd,bhde->bhe", x, predictor.router_kernels[layers])
+        if predictor.logit_bias is not None:
+            scores = scores + predictor.logit_bias[layers]
         if predictor.selection_bias is not None:
             scores = 1.0 / (1.0 + np.exp(-scores)) + predictor.selection_bias[layers]
         return scores

@@ -35,7 +35,7 @@ from jaxmoe.errors import JaxmoeError
 class FusedGateLookahead:
     """ProMoE pre-gating on the device: later layers' routers (norm scale folded in) applied to the
     RMS-normalised hidden state. params: (kernels f32[L + horizon, d, E] with layers 0..horizon-1
-    repeated at the end, selection_bias f32[L + horizon, E] or None)."""
+    repeated at the end, selection_bias f32[L + horizon, E] or None, logit_bias f32[L + horizon, E] or None)."""
 
     horizon: int
     eps: float
@@ -45,23 +45,27 @@ class FusedGateLookahead:
         return ()
 
     def __call__(self, params, state, pos, hidden, router_logits, ids):
-        kernels, bias = params
+        kernels, bias, logit_bias = params
         h = hidden.astype(jnp.float32)
         normed = h * jax.lax.rsqrt(jnp.mean(h * h) + self.eps)
         window = jax.lax.dynamic_slice_in_dim(kernels, pos + 1, self.horizon)  # [H, d, E]
         scores = jnp.einsum("d,hde->he", normed, window)
+        if logit_bias is not None:
+            scores = scores + jax.lax.dynamic_slice_in_dim(logit_bias, pos + 1, self.horizon)
         if self.sigmoid:
             scores = jax.nn.sigmoid(scores) + jax.lax.dynamic_slice_in_dim(bias, pos + 1, self.horizon)
         return scores, state
 
 
-def fuse_gate_lookahead(kernels_ext: np.ndarray, bias_ext, num_layers: int, eps: float, horizon: int):
+def fuse_gate_lookahead(kernels_ext: np.ndarray, bias_ext, num_layers: int, eps: float, horizon: int,
+                        logit_bias_ext=None):
     """The host predictor's repeated tables (`GateLookaheadPredictor`: kernels_ext f32[>= L + H, d, E] with
-    the norm scale folded in, bias_ext f32[>= L + H, E] or None) -> (scorer, params); only the first
-    L + horizon rows go to the device."""
+    the norm scale folded in, bias_ext and logit_bias_ext f32[>= L + H, E] or None) -> (scorer, params); only
+    the first L + horizon rows go to the device."""
     rows = num_layers + horizon
-    bias = None if bias_ext is None else jnp.asarray(bias_ext[:rows], jnp.float32)
-    return FusedGateLookahead(horizon, float(eps), bias_ext is not None), (jnp.asarray(kernels_ext[:rows], jnp.float32), bias)
+    table = lambda t: None if t is None else jnp.asarray(t[:rows], jnp.float32)  # noqa: E731
+    params = (table(kernels_ext), table(bias_ext), table(logit_bias_ext))
+    return FusedGateLookahead(horizon, float(eps), bias_ext is not None), params
 
 
 @dataclass(frozen=True, eq=False)

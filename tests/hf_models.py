@@ -44,6 +44,12 @@ FAMILY_CONFIGS = {
                           qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8, moe_intermediate_size=16,
                           n_shared_experts=1, mlp_layer_types=["dense", "sparse", "sparse"], n_group=4,
                           topk_group=2, routed_scaling_factor=1.8, norm_topk_prob=True, rms_norm_eps=1e-5),
+    # GPT-OSS: sinks, a 4-token window on layers 0 and 2, q/k/v/o bias, router logit bias, interleaved
+    # gate/up with biases; the SwiGLU clamp set low so it bites at this init; YaRN without truncation
+    "gpt_oss": dict(num_local_experts=6, intermediate_size=16, head_dim=12, sliding_window=4, swiglu_limit=0.4,
+                    rms_norm_eps=1e-5,
+                    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
+                                         beta_slow=1.0, truncate=False, original_max_position_embeddings=64)),
 }
 
 FAMILIES = tuple(FAMILY_CONFIGS)

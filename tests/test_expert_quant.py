@@ -10,7 +10,7 @@ import pytest
 
 import jaxmoe
 from jaxmoe.expert_quant import QuantizedStack, check_quantize, dequantize, int4_group, quantize, quantized_shapes, weight_row
-from jaxmoe.offload import EXPERT_NAMES, empty_slots, pack_expert, write_slot
+from jaxmoe.offload import empty_slots, pack_expert, write_slot
 from tests.test_offload import NEW_TOKENS, PROMPT, run_prefill, total_experts
 
 
@@ -50,20 +50,25 @@ def test_quantize_int4_packs_two_codes_per_byte_with_a_scale_per_group_of_rows()
         int4_group(7)
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_packed_expert_round_trips_into_the_slot_buffers(mode):
+def test_packed_expert_round_trips_into_the_slot_buffers(mode, bias):
     rng = np.random.default_rng(1)
     d, f = 16, 12
     shapes = {"w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
-    expert = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
+    biases = {"b_gate": (f,), "b_up": (f,), "b_down": (d,)} if bias else {}
+    expert = {n: rng.normal(size=s).astype(np.float32) for n, s in {**shapes, **biases}.items()}
     packed = pack_expert(expert, jnp.bfloat16, mode)
     expected_bytes = sum(np.prod(quantized_shapes(s, mode)[0][0]) + 4 * np.prod(quantized_shapes(s, mode)[1])
-                         for s in shapes.values())
+                         for s in shapes.values()) + 2 * sum(np.prod(s) for s in biases.values())
     assert packed.dtype == np.uint8 and packed.nbytes == expected_bytes
-    slots = empty_slots({n: (s, jnp.bfloat16) for n, s in shapes.items()}, 6, mode)
-    assert all(isinstance(slots[n], QuantizedStack) and slots[n].shape == (6, *shapes[n]) for n in EXPERT_NAMES)
+    slots = empty_slots({n: (s, jnp.bfloat16) for n, s in {**shapes, **biases}.items()}, 6, mode)
+    assert all(isinstance(slots[n], QuantizedStack) and slots[n].shape == (6, *shapes[n]) for n in shapes)
     out = jax.block_until_ready(write_slot(slots, 3, jnp.asarray(packed)))
-    for n in EXPERT_NAMES:
+    for n in biases:  # biases travel unquantized, as bfloat16 bytes
+        np.testing.assert_array_equal(np.asarray(out[n][3]), expert[n].astype(ml_dtypes.bfloat16))
+        assert not np.asarray(out[n][jnp.array([0, 5])]).any()
+    for n in shapes:
         expected = dequantize(*quantize(expert[n], mode), ml_dtypes.bfloat16, mode)
         got = out[n][3]
         assert got.dtype == jnp.bfloat16
@@ -91,7 +96,7 @@ def quantized(converted_model):
 
 @pytest.mark.parametrize("mode,slots,speculate,family", [
     ("int8", 2, "off", "qwen2_moe"), ("int8", 7, "on", "qwen2_moe"), ("int4", 3, "off", "qwen2_moe"),
-    ("int4", 18, "on", "qwen2_moe"), ("int4", 7, "on", "deepseek_v2")])
+    ("int4", 18, "on", "qwen2_moe"), ("int4", 7, "on", "deepseek_v2"), ("int8", 5, "on", "gpt_oss")])
 def test_offloaded_quantized_equals_resident_quantized(mode, slots, speculate, family, quantized):
     model_dir, expected, expected_logits = quantized(mode, family)
     engine = jaxmoe.load(model_dir, cache_slots=slots, quantize_experts=mode, speculate=speculate)
@@ -102,7 +107,8 @@ def test_offloaded_quantized_equals_resident_quantized(mode, slots, speculate, f
     cfg = engine.cfg
     d, f = cfg.hidden_size, cfg.moe_intermediate_size
     packed = {"int8": 3 * d * f + 4 * (2 * f + d), "int4": 3 * d * f // 2 + 4 * (f * d // int4_group(d) * 2 + d * f // int4_group(f))}
-    assert result.stats["expert_bytes"] == packed[mode]
+    bias_bytes = (2 * f + d) * np.dtype(cfg.dtype).itemsize if cfg.expert_bias else 0  # unquantized
+    assert result.stats["expert_bytes"] == packed[mode] + bias_bytes
     assert result.stats["quantize_experts"] == mode and expected.stats["quantize_experts"] == mode
     if slots < total_experts(cfg):
         assert result.stats["h2d_bytes"] % result.stats["expert_bytes"] == 0 and result.stats["h2d_bytes"] > 0

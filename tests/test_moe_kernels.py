@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmoe.moe import experts_bucketed, experts_gather, experts_grouped, experts_reference, plan_buckets
+from jaxmoe.moe import (
+    ExpertFFN, experts_bucketed, experts_capacity, experts_gather, experts_grouped, experts_reference, plan_buckets,
+)
 from jaxmoe.routing import RouterSpec, select_experts
 
 
@@ -58,6 +60,48 @@ def test_grouped_handles_unused_slots():
     ids = ids.at[:, 1].set(jnp.where(ids[:, 0] == ids[:, 1], (ids[:, 0] + 1) % 3, ids[:, 1]))
     np.testing.assert_allclose(np.asarray(experts_grouped(x, ids, weights, *w)),
                                np.asarray(experts_reference(x, ids, weights, *w)), atol=1e-5)
+
+
+GPT_OSS = ExpertFFN("gpt_oss", alpha=1.702, limit=0.5)  # a low clamp: both clamps bite at this scale
+
+
+def biases(slots=7, d=16, f=24, seed=9):
+    k = jax.random.split(jax.random.key(seed), 3)
+    return (0.3 * jax.random.normal(k[0], (slots, f)), 0.3 * jax.random.normal(k[1], (slots, f)),
+            0.3 * jax.random.normal(k[2], (slots, d)))
+
+
+def test_gpt_oss_reference_is_the_clamped_biased_swiglu():
+    x, ids, weights, wg, wu, wd = random_problem(6, k=2, slots=7)
+    bias = biases()
+    x, wg, wu, wd, weights = (np.asarray(a, np.float64) for a in (x, wg, wu, wd, weights))
+    bg, bu, bd = (np.asarray(b, np.float64) for b in bias)
+    want = np.zeros_like(x)
+    for n in range(6):
+        for j, e in enumerate(np.asarray(ids)[n]):
+            gate = np.minimum(x[n] @ wg[e] + bg[e], 0.5)
+            up = np.clip(x[n] @ wu[e] + bu[e], -0.5, 0.5)
+            assert (x[n] @ wg[e] + bg[e]).max() > 0.5 and np.abs(x[n] @ wu[e] + bu[e]).max() > 0.5
+            want[n] += weights[n, j] * ((gate / (1 + np.exp(-1.702 * gate)) * (up + 1)) @ wd[e] + bd[e])
+    got = experts_reference(*(jnp.asarray(a, jnp.float32) for a in (x,)), ids, jnp.asarray(weights, jnp.float32),
+                            *(jnp.asarray(a, jnp.float32) for a in (wg, wu, wd)), ffn=GPT_OSS, bias=bias)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 5, 40])
+def test_every_kernel_matches_reference_with_gpt_oss_experts(n):
+    x, ids, weights, *w = random_problem(n, k=3, slots=7, seed=n)
+    bias = biases()
+    ref = np.asarray(experts_reference(x, ids, weights, *w, ffn=GPT_OSS, bias=bias))
+    assert np.abs(ref - np.asarray(experts_reference(x, ids, weights, *w))).max() > 0.1  # the FFN matters
+    for kernel in (experts_gather, experts_grouped):
+        got = jax.jit(kernel, static_argnames=("ffn",))(x, ids, weights, *w, ffn=GPT_OSS, bias=bias)
+        np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5, rtol=1e-5)
+    groups, rows = plan_buckets(np.asarray(ids))
+    got = experts_bucketed(x, ids, weights, *w, groups, rows, ffn=GPT_OSS, bias=bias)
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5, rtol=1e-5)
+    got = experts_capacity(x, ids, weights, *w, capacity_factor=7.0, ffn=GPT_OSS, bias=bias)  # nothing dropped
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_group_limited_routing_only_picks_top_groups():

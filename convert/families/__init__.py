@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Callable
 
-from convert.families import deepseek, glm4_moe, mixtral, olmoe, qwen_moe
+from convert.families import deepseek, glm4_moe, gpt_oss, mixtral, olmoe, qwen_moe
 from convert.families.common import is_mtp_key
 from convert.keymap import KeyRule
 from jaxmoe.config import ModelConfig
@@ -33,4 +33,5 @@ FAMILIES: dict[str, Adapter] = {
     "deepseek_v3": Adapter(deepseek.v3_config_from_hf, deepseek.key_rules, is_mtp_key),
     "glm4_moe": Adapter(glm4_moe.config_from_hf, glm4_moe.key_rules, is_mtp_key),
     "glm4_moe_lite": Adapter(deepseek.glm_lite_config_from_hf, deepseek.key_rules, is_mtp_key),
+    "gpt_oss": Adapter(gpt_oss.config_from_hf, gpt_oss.key_rules),
 }
