@@ -86,6 +86,32 @@ SHAPES: dict[str, dict] = {
         rope_theta=1e6, rope_scaling=None, num_nextn_predict_layers=1, hidden_act="silu",
         tie_word_embeddings=False, pad_token_id=151329, eos_token_id=[151329, 151336, 151338],
     ),
+    # openai/gpt-oss-20b config.json: 24 layers alternating a 128-token sliding window (layer 0) and full
+    # attention, d=2880, 64 heads / 8 KV heads with head_dim 64 (q width 4096 != d), q/k/v/o bias, attention
+    # sinks, YaRN (factor 32 over 4096, theta 150000, no truncation); 32 experts top-4 of intermediate 2880 in
+    # every layer, router logit bias, biased clamped SwiGLU (limit 7); vocab 201088. The Hub ships the experts
+    # as MXFP4; here they are bfloat16, as `python -m convert` writes them. 20.9B parameters; one expert =
+    # 3*2880*2880*2 B + biases = 49.8 MB; all routed experts 38.2 GB.
+    "gpt-oss-20b": dict(
+        model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+        sliding_window=128, layer_types=["sliding_attention", "full_attention"] * 12, attention_bias=True,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=150000,
+        rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                          original_max_position_embeddings=4096),
+        swiglu_limit=7.0, hidden_act="silu", tie_word_embeddings=False, pad_token_id=199999, eos_token_id=200002,
+    ),
+    # openai/gpt-oss-120b config.json: gpt-oss-20b's layers, 36 of them, with 128 experts top-4.
+    # 116.8B parameters; one expert 49.8 MB; all routed experts 229 GB.
+    "gpt-oss-120b": dict(
+        model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=128, num_experts_per_tok=4,
+        sliding_window=128, layer_types=["sliding_attention", "full_attention"] * 18, attention_bias=True,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=150000,
+        rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                          original_max_position_embeddings=4096),
+        swiglu_limit=7.0, hidden_act="silu", tie_word_embeddings=False, pad_token_id=199999, eos_token_id=200002,
+    ),
 }
 
 SHAPE_NAMES = tuple(SHAPES)
@@ -110,6 +136,8 @@ def hf_config_dict(name: str, num_layers: int | None = None, scale: float = 1.0)
         if num_layers <= hf.get("first_k_dense_replace", 0):
             raise JaxmoeError(f"--layers {num_layers}: {name} needs > {hf['first_k_dense_replace']} layers to have a MoE layer")
         hf["num_hidden_layers"] = num_layers
+        if "layer_types" in hf:
+            hf["layer_types"] = hf["layer_types"][:num_layers]
     if not 0 < scale <= 1:
         raise JaxmoeError("--scale must be in (0, 1]")
     if scale == 1:
@@ -166,7 +194,7 @@ def describe(cfg: ModelConfig) -> dict:
 
     # one layer of each kind (dense / MoE) stands for all of that kind: abstract models of 48 layers are slow
     kinds = tuple(sorted(set(cfg.moe_layers)))
-    _, state = abstract_model(dataclasses.replace(cfg, num_layers=len(kinds), moe_layers=kinds))
+    _, state = abstract_model(dataclasses.replace(cfg, num_layers=len(kinds), moe_layers=kinds, sliding_layers=()))
     pure = state.to_pure_dict()
     leaf_bytes = lambda tree: sum(int(math.prod(x.shape)) * x.dtype.itemsize for x in _leaves(tree))  # noqa: E731
     expert = 0
@@ -178,7 +206,7 @@ def describe(cfg: ModelConfig) -> dict:
         if experts is not None:
             expert += count * leaf_bytes(experts)
     moe_layers = len(cfg.moe_layer_ids)
-    one = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+    one = cfg.expert_param_count * 2
     return {
         "layers": cfg.num_layers,
         "moe_layers": moe_layers,

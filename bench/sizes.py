@@ -811,7 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculate", choices=SPECULATION_MODES, default="auto",
                    help="decode steps as one program when their experts are cached (scheduler.speculation)")
     p.add_argument("--quantize-experts", choices=QUANTIZE_MODES, default=None,
-                   help="int8 / int4: routed experts moved and cached as codes + scales (writes sizes-SHAPE-int8.*; "
+                   help="int8 / int4 / mxfp4: routed experts moved and cached as codes + scales (writes sizes-SHAPE-int8.*; "
                         "the resident baseline stays unquantized: dequantized weights compute alike)")
     p.add_argument("--copies-in-flight", type=int, default=COPIES_IN_FLIGHT,
                    help=f"demand expert copies the transfer thread keeps issued at most "

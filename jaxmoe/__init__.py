@@ -29,7 +29,7 @@ def load(path, dtype=None, quantize_experts=None, **offload_options):
     """Loads a converted model directory and returns an engine with `.generate(prompt_ids, max_new_tokens, ...)`.
 
     With no offload options every weight is placed on the device (`ResidentEngine`). quantize_experts "int8" /
-    "int4": routed experts as int8 / int4 codes with float32 scales (`jaxmoe.expert_quant`), offloaded or resident.
+    "int4" / "mxfp4": routed experts as quantized codes and scales (`jaxmoe.expert_quant`), offloaded or resident.
     """
     from jaxmoe.checkpoint import load_resident
     from jaxmoe.engine import ResidentEngine

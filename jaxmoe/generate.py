@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emulate-link", default=None, metavar="GBPS[,LATENCY_US]", help="emulate a host-to-device link")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="compute/param dtype override")
     p.add_argument("--quantize-experts", choices=QUANTIZE_MODES, default=None,
-                   help="routed experts as int8 (0.5x the bytes of bfloat16) or int4 (0.28x) codes with float32 scales: "
-                        "fewer bytes to move and to cache (outputs differ from the unquantized model's by the "
-                        "quantization error)")
+                   help="routed experts as int8 (0.5x the bytes of bfloat16) or int4 (0.28x) codes with float32 scales, "
+                        "or mxfp4 (0.27x; lossless for gpt-oss converted from its MXFP4 checkpoint): fewer bytes to "
+                        "move and to cache (outputs differ from the unquantized model's by the quantization error)")
     p.add_argument("--output-json", type=Path, default=None, help="write prompt ids, generated ids, text and stats here")
     return p
 

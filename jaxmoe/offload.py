@@ -7,7 +7,7 @@ and the KV cache never leave the device. All jitted functions take slot buffers 
 arguments with static shapes, so one compilation serves every layer, routing and step.
 
 Loading an expert: an asynchronous `jax.device_put` of its packed host array (`pack_expert`: its three
-weights, or their int8 / int4 codes and scales with `quantize_experts`, see jaxmoe.expert_quant), then an
+weights, or their int8 / int4 / mxfp4 codes and scales with `quantize_experts`, see jaxmoe.expert_quant), then an
 in-place (donated) write into the slot buffers; the on-demand baseline blocks until it has landed.
 """
 
@@ -32,7 +32,7 @@ from jaxmoe.checkpoint import abstract_model, restore_layer_experts, restore_pie
 from jaxmoe.config import ModelConfig, load_config
 from jaxmoe.engine import SamplingParams, compile_seconds, device_peak_bytes, flat_state, generate_loop, position_array, tree_bytes
 from jaxmoe.errors import JaxmoeError
-from jaxmoe.expert_quant import QuantizedStack, check_quantize, quantize, quantized_shapes
+from jaxmoe.expert_quant import QuantizedStack, check_quantize, quantize, quantized_shapes, scale_dtype
 from jaxmoe.inplace import update_row
 from jaxmoe.model import ATTENTION_MODULES, lm_logits
 from jaxmoe.moe import (
@@ -220,7 +220,7 @@ def pack_expert(weights: dict, dtype, quantize_mode: str | None = None) -> np.nd
     """{w_gate [d, f], w_up [d, f], w_down [f, d], and b_gate [f], b_up [f], b_down [d] where the model has them}
     -> one flat array, so moving an expert is one host-to-device copy instead of three or six (about half the
     per-copy cost). quantize_mode None: [3*d*f (+ 2*f + d)] of `dtype` (EXPERT_NAMES order); "int8" / "int4":
-    uint8 bytes, per weight matrix its codes then its float32 scales (`expert_quant.quantize`), per bias its
+    uint8 bytes, per weight matrix its codes then its scales (`expert_quant.quantize`), per bias its
     `dtype` bytes."""
     names = [n for n in EXPERT_NAMES if n in weights]
     if quantize_mode is None:
@@ -247,7 +247,8 @@ def empty_slots(expert_shapes: dict, num_slots: int, quantize_mode: str | None =
             continue
         (codes_shape, codes_dtype), scale_shape = quantized_shapes(shape, quantize_mode)
         out[n] = QuantizedStack(jnp.zeros((num_slots, *codes_shape), codes_dtype),
-                                jnp.zeros((num_slots, *scale_shape), jnp.float32), jnp.dtype(dtype).name, quantize_mode)
+                                jnp.zeros((num_slots, *scale_shape), scale_dtype(quantize_mode)), jnp.dtype(dtype).name,
+                                quantize_mode)
     return out
 
 
@@ -263,9 +264,12 @@ def write_slot(slots, slot, packed):
             size = math.prod(codes_shape)
             codes = jax.lax.bitcast_convert_type(packed[start : start + size], buffer.codes.dtype).reshape(codes_shape)
             start += size
-            size = math.prod(scale_shape)
-            scale = jax.lax.bitcast_convert_type(packed[start : start + 4 * size].reshape(size, 4), jnp.float32)
-            start += 4 * size
+            size, width = math.prod(scale_shape), jnp.dtype(buffer.scale.dtype).itemsize
+            scale = packed[start : start + size]  # E8M0 bytes
+            if width > 1:
+                scale = jax.lax.bitcast_convert_type(packed[start : start + width * size].reshape(size, width),
+                                                     buffer.scale.dtype)
+            start += width * size
             out[name] = QuantizedStack(update_row(buffer.codes, codes, slot),
                                        update_row(buffer.scale, scale.reshape(scale_shape), slot), buffer.dtype, buffer.mode)
             continue

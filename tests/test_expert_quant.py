@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import jaxmoe
-from jaxmoe.expert_quant import QuantizedStack, check_quantize, dequantize, int4_group, quantize, quantized_shapes, weight_row
+from jaxmoe.expert_quant import (
+    QuantizedStack, check_quantize, dequantize, int4_group, quantize, quantized_shapes, scale_dtype, weight_row,
+)
 from jaxmoe.offload import empty_slots, pack_expert, write_slot
 from tests.test_offload import NEW_TOKENS, PROMPT, run_prefill, total_experts
 
@@ -50,16 +52,46 @@ def test_quantize_int4_packs_two_codes_per_byte_with_a_scale_per_group_of_rows()
         int4_group(7)
 
 
+def test_mxfp4_is_lossless_on_mxfp4_values_and_bounded_otherwise():
+    """Weights that are MXFP4 values (dequantized as transformers does for GPT-OSS, groups of 32 input rows)
+    quantize back to exactly themselves; other weights stay within 2 * 2**e of themselves (e: their group's
+    exponent; FP4 steps are 0.5 to 2)."""
+    from convert.mxfp4 import dequantize_mxfp4
+
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, (3, 24, 2, 16), dtype=np.uint8)  # [E, out, in / 32, 16]: 3 experts [64, 24]
+    scales = rng.integers(118, 130, (3, 24, 2), dtype=np.uint8)
+    scales[0, 0, 0] = 1  # a tiny group, and a group of zero codes
+    blocks[1, 2, 1] = 0
+    w = dequantize_mxfp4(blocks, scales)  # bf16 [3, 64, 24]: [E, in, out]
+    codes, scale = quantize(w, "mxfp4")
+    assert codes.shape == (3, 32, 24) and codes.dtype == np.uint8 and scale.shape == (3, 2, 24) and scale.dtype == np.uint8
+    np.testing.assert_array_equal(dequantize(codes, scale, ml_dtypes.bfloat16, "mxfp4").astype(np.float32),
+                                  w.astype(np.float32))
+    # on the device too (expert 0's tiny group aside: XLA flushes float32 subnormals to zero)
+    np.testing.assert_array_equal(np.asarray(dequantize(jnp.asarray(codes[1:]), jnp.asarray(scale[1:]), jnp.bfloat16,
+                                                        "mxfp4", jnp)), w[1:])
+    x = rng.normal(size=(64, 24)).astype(np.float32)
+    codes, scale = quantize(x, "mxfp4")
+    back = dequantize(codes, scale, np.float32, "mxfp4")
+    step = np.repeat(np.ldexp(1.0, scale.astype(np.int32) - 127), 32, axis=0)  # 2**e; clipping [6, 8) to 6 costs < 2
+    assert np.all(np.abs(back - x) <= 2 * step) and np.abs(back - x).max() > 0
+    assert np.all(np.abs(x).reshape(2, 32, 24).max(1) / np.ldexp(1.0, scale.astype(np.int32) - 127) < 8)
+    with pytest.raises(Exception, match="multiples of 32"):
+        check_quantize("mxfp4", 64, 48)
+
+
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "mxfp4"])
 def test_packed_expert_round_trips_into_the_slot_buffers(mode, bias):
     rng = np.random.default_rng(1)
-    d, f = 16, 12
+    d, f = (64, 32) if mode == "mxfp4" else (16, 12)
     shapes = {"w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
     biases = {"b_gate": (f,), "b_up": (f,), "b_down": (d,)} if bias else {}
     expert = {n: rng.normal(size=s).astype(np.float32) for n, s in {**shapes, **biases}.items()}
     packed = pack_expert(expert, jnp.bfloat16, mode)
-    expected_bytes = sum(np.prod(quantized_shapes(s, mode)[0][0]) + 4 * np.prod(quantized_shapes(s, mode)[1])
+    scale_bytes = np.dtype(scale_dtype(mode)).itemsize
+    expected_bytes = sum(np.prod(quantized_shapes(s, mode)[0][0]) + scale_bytes * np.prod(quantized_shapes(s, mode)[1])
                          for s in shapes.values()) + 2 * sum(np.prod(s) for s in biases.values())
     assert packed.dtype == np.uint8 and packed.nbytes == expected_bytes
     slots = empty_slots({n: (s, jnp.bfloat16) for n, s in {**shapes, **biases}.items()}, 6, mode)

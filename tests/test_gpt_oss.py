@@ -127,6 +127,19 @@ def test_mxfp4_checkpoint_converts_to_what_transformers_dequantizes(tmp_path):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
     assert ours == ref and len(ours) == 12
 
+    # --quantize-experts mxfp4 re-quantizes those weights to exactly themselves: resident and offloaded, the same
+    # tokens, with 4.25 bits per weight over the link (+ unquantized biases)
+    _, _, state_l = load_resident(tmp_path / "mxfp4-out", quantize_experts="mxfp4")
+    for path, value in state_l.flat_state():
+        np.testing.assert_array_equal(np.asarray(value.get_value()), np.asarray(flat_q[path].get_value()), str(path))
+    lossless = jaxmoe.load(tmp_path / "mxfp4-out", quantize_experts="mxfp4")
+    assert lossless.generate(prompt, 12).generated_ids == ours
+    offloaded = jaxmoe.load(tmp_path / "mxfp4-out", cache_slots=5, policy="presched", quantize_experts="mxfp4")
+    result = offloaded.generate(prompt, 12)
+    assert result.generated_ids == ours
+    d = f = 32
+    assert result.stats["expert_bytes"] == 3 * d * f // 2 + 3 * d * f // 32 + 4 * (2 * f + d)
+
 
 def test_mxfp4_blocks_without_scales_is_a_clear_error(tmp_path):
     _write_checkpoint(tmp_path / "hf", {"model.layers.0.mlp.experts.down_proj_blocks": np.zeros((2, 4, 1, 16), np.uint8)},
