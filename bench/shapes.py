@@ -197,14 +197,18 @@ def describe(cfg: ModelConfig) -> dict:
     _, state = abstract_model(dataclasses.replace(cfg, num_layers=len(kinds), moe_layers=kinds, sliding_layers=()))
     pure = state.to_pure_dict()
     leaf_bytes = lambda tree: sum(int(math.prod(x.shape)) * x.dtype.itemsize for x in _leaves(tree))  # noqa: E731
-    expert = 0
-    non_expert = leaf_bytes({k: v for k, v in pure.items() if k != "layers"})
+    leaf_count = lambda tree: sum(int(math.prod(x.shape)) for x in _leaves(tree))  # noqa: E731
+    expert = expert_count = 0
+    globals_tree = {k: v for k, v in pure.items() if k != "layers"}
+    non_expert, non_expert_count = leaf_bytes(globals_tree), leaf_count(globals_tree)
     for i, tree in pure["layers"].items():
         count = sum(1 for m in cfg.moe_layers if m == kinds[i])
         dense, experts = split_layer(tree)
         non_expert += count * leaf_bytes(dense)
+        non_expert_count += count * leaf_count(dense)
         if experts is not None:
             expert += count * leaf_bytes(experts)
+            expert_count += count * leaf_count(experts)
     moe_layers = len(cfg.moe_layer_ids)
     one = cfg.expert_param_count * 2
     return {
@@ -215,8 +219,8 @@ def describe(cfg: ModelConfig) -> dict:
         "expert_bytes": one,
         "routed_expert_bytes": expert,
         "non_expert_bytes": non_expert,
-        "total_params": (expert + non_expert) // 2,
-        "active_params_per_token": (non_expert + moe_layers * cfg.num_experts_per_tok * one) // 2,
+        "total_params": expert_count + non_expert_count,
+        "active_params_per_token": non_expert_count + moe_layers * cfg.num_experts_per_tok * cfg.expert_param_count,
     }
 
 

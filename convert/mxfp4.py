@@ -28,14 +28,11 @@ import ml_dtypes
 import numpy as np
 
 from jaxmoe.errors import JaxmoeError
+from jaxmoe.expert_quant import FP4_VALUES  # E2M1 code -> value; codes 8..15 are the negatives of 0..7
 
 BLOCKS = "_blocks"
 SCALES = "_scales"
 BF16 = np.dtype(ml_dtypes.bfloat16)
-# FP4 E2M1 code -> value; codes 8..15 are the negatives of 0..7 (code 8 is -0.0)
-FP4_VALUES = np.array(
-    [+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32
-)
 # E8M0 byte -> 2**(s - 127) as float32, exact down to 2**-149 (subnormal); s = 255 capped at 2**127 (see below)
 SCALE_VALUES = np.ldexp(np.float32(1.0), np.minimum(np.arange(256), 254) - 127).astype(np.float32)
 CHUNK_VALUES = 1 << 24  # output values dequantized per step: 64 MiB of float32 scratch

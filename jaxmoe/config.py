@@ -67,6 +67,7 @@ class ModelConfig:
     rope_interleaved: bool = False  # rotate adjacent pairs (DeepSeek) instead of halves
     rotary_dim: int | None = None  # GQA: RoPE rotates only the first rotary_dim of each head (GLM-4.5); None: all
     tie_word_embeddings: bool = False
+    norm_float32_scale: bool = False  # layer and final RMSNorm weights float32, applied before rounding (GPT-OSS)
     # attention
     attention_kind: str = "gqa"  # "gqa" | "mla"
     attention_bias: bool = False  # bias on q/k/v projections

@@ -37,12 +37,12 @@ def lm_logits(final_norm: RMSNorm, head, h):
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size
-        self.input_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.input_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, cfg.norm_float32_scale)
         if cfg.attention_kind == "gqa":
             self.attn = GQAttention(cfg, dtype, rngs, window=cfg.layer_window(layer_id))
         else:
             self.attn = MLAttention(cfg, dtype, rngs)
-        self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, cfg.norm_float32_scale)
         self.is_moe = cfg.moe_layers[layer_id]
         if self.is_moe:
             self.moe = MoEBlock(cfg, dtype, rngs)
@@ -73,7 +73,7 @@ class MoEModel(nnx.Module):
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype, rngs)
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs) for i in range(cfg.num_layers)])
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.norm_float32_scale)
         if not cfg.tie_word_embeddings:
             self.lm_head = normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
 

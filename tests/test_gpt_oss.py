@@ -188,3 +188,33 @@ def test_offloaded_equals_resident(converted_model, slots, policy, speculate):
         assert result.generated_ids == expected, (slots, policy, speculate)
     if slots == 18:
         assert result.stats["speculated_tokens"] > 0
+
+
+@pytest.mark.parametrize("float32_scale", [False, True])
+def test_bfloat16_rms_norm_rounds_as_transformers(float32_scale):
+    """GPT-OSS's norm keeps its weight in float32 and rounds once (GptOssRMSNorm); Llama-style families round the
+    normalized input first (MixtralRMSNorm). In bfloat16 each of ours is bit-identical to its transformers form."""
+    torch = pytest.importorskip("torch")
+    import jax.numpy as jnp
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+
+    from jaxmoe.layers import RMSNorm
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 48)).astype(np.float32)
+    weight = (1 + 0.3 * rng.normal(size=48)).astype(np.float32)
+    ref_module = (GptOssRMSNorm if float32_scale else MixtralRMSNorm)(48, eps=1e-5)
+    with torch.no_grad():
+        ref_module.weight.copy_(torch.from_numpy(weight))
+        if not float32_scale:
+            ref_module.to(torch.bfloat16)  # its weight in the model dtype; GPT-OSS's stays float32
+        ref = ref_module(torch.from_numpy(x).to(torch.bfloat16)).float().numpy()
+    ours = RMSNorm(48, 1e-5, jnp.bfloat16, float32_scale)
+    assert ours.scale[...].dtype == (jnp.float32 if float32_scale else jnp.bfloat16)
+    ours.scale[...] = jnp.asarray(weight).astype(ours.scale[...].dtype)
+    got = np.asarray(ours(jnp.asarray(x, jnp.bfloat16)).astype(jnp.float32))
+    np.testing.assert_array_equal(got, ref)
+    other = RMSNorm(48, 1e-5, jnp.bfloat16, not float32_scale)
+    other.scale[...] = jnp.asarray(weight).astype(other.scale[...].dtype)
+    assert (np.asarray(other(jnp.asarray(x, jnp.bfloat16)).astype(jnp.float32)) != ref).any()  # the styles differ

@@ -74,6 +74,7 @@ def config_from_hf(hf: dict, dtype: str) -> ModelConfig:
         attention_bias=attention_bias,
         attention_out_bias=attention_bias,
         attention_sinks=True,
+        norm_float32_scale=True,
         sliding_window=window if any(sliding) else None,
         sliding_layers=sliding if any(sliding) else (),
         norm_topk_prob=True,
