@@ -151,11 +151,14 @@ def test_offloaded_quantized_equals_resident_quantized(mode, slots, speculate, f
 def test_quantized_model_stays_close_to_the_unquantized_model(quantized):
     model_dir = quantized("int8")[0]
     logits = run_prefill(jaxmoe.load(model_dir), PROMPT)
-    p = jax.nn.log_softmax(logits[0])
-    kl = {}
-    for mode in ("int8", "int4"):
-        q = jax.nn.log_softmax(quantized(mode)[2][0])
-        kl[mode] = float(jnp.sum(jnp.exp(p) * (p - q)))
+
+    def log_softmax(x):  # in float64: int8's KL on this tiny model (~3e-8) is below float32's rounding of the sum
+        x = np.asarray(x[0], np.float64)
+        x = x - x.max()
+        return x - np.log(np.exp(x).sum())
+
+    p = log_softmax(logits)
+    kl = {mode: float(np.sum(np.exp(p) * (p - log_softmax(quantized(mode)[2])))) for mode in ("int8", "int4")}
     assert 0 < kl["int8"] < 1e-3 and kl["int8"] < kl["int4"] < 3e-2, kl  # different, by the quantization error
     assert logits.argmax() == quantized("int8")[2].argmax()
 
