@@ -6,6 +6,7 @@
     python -m bench predictor-cost   a predictor's cost per layer, on the host and fused (bench.predictor_cost)
     python -m bench host-overhead    the engine's host work per MoE layer where compute is negligible (bench.host_overhead)
     python -m bench convert-rss ...  peak memory of the converter on a multi-GB checkpoint (bench.convert_rss)
+    python -m bench quant-quality    quantized experts against the unquantized model: KL, top-1, loss (bench.quant_quality)
 
 `python -m bench SUBCOMMAND --help` lists each one's flags.
 """
@@ -17,7 +18,7 @@ import sys
 
 SUBCOMMANDS = {"sizes": "bench.sizes", "policies": "bench.policies", "replay": "bench.replay",
                "predictor-cost": "bench.predictor_cost", "host-overhead": "bench.host_overhead",
-               "convert-rss": "bench.convert_rss"}
+               "convert-rss": "bench.convert_rss", "quant-quality": "bench.quant_quality"}
 
 
 def main(argv: list[str] | None = None) -> int:

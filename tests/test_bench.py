@@ -93,3 +93,35 @@ def test_host_overhead_smoke(tmp_path):
     assert report["resident_us_per_moe_layer"] > 0
     assert "SYNTHETIC WEIGHTS" in (tmp_path / "host_overhead.md").read_text()
     assert bench_main(["host-overhead", "--policies", "oracle", "--out", str(tmp_path)]) == 2
+
+
+def test_quant_quality_benchmark(converted_model, tmp_path, capsys):
+    """Each mode's KL is positive and grows as bits shrink; the teacher-forced pass reproduces the engine's own
+    prefill logits; the expert bytes are what the offloaded engine moves per expert."""
+    import numpy as np
+
+    import jaxmoe
+    from bench.quant_quality import main as quant_quality, window_log_probs
+    from tests.test_offload import run_prefill
+
+    _, model_dir = converted_model("qwen2_moe")
+    rc = quant_quality(["--model", str(model_dir), "--modes", "int8,int4", "--tokens", "12", "--windows", "2",
+                        "--out", str(tmp_path)])
+    assert rc == 0
+    rows = {r["mode"]: r for r in json.loads((tmp_path / "quant_quality.json").read_text())["rows"]}
+    assert 0 < rows["int8"]["kl_mean"] < rows["int4"]["kl_mean"] < 0.05
+    assert all(0.5 <= r["top1_agreement"] <= 1 and r["loss"] > 0 for r in rows.values())
+    for mode, row in rows.items():
+        assert row["expert_bytes"] == jaxmoe.load(model_dir, cache_slots=2, quantize_experts=mode).store.expert_bytes
+    assert "| int4 |" in (tmp_path / "quant_quality.md").read_text()
+
+    engine = jaxmoe.load(model_dir)
+    prompt = [5, 9, 2, 7, 11, 3, 8]
+    last = window_log_probs(engine, np.asarray([prompt], np.int32))[0, -1]
+    logits = run_prefill(engine, prompt)[0].astype(np.float64)
+    np.testing.assert_allclose(last, logits - logits.max() - np.log(np.exp(logits - logits.max()).sum()), atol=1e-5)
+
+    capsys.readouterr()
+    assert quant_quality(["--model", str(model_dir), "--modes", "int3", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--modes" in err[0] and "int3" in err[0]
