@@ -9,6 +9,7 @@ sibling directory that is renamed into place at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -47,6 +48,25 @@ def read_hf_config(hf_dir: Path) -> dict:
     if not isinstance(hf, dict):
         raise JaxmoeError(f"{path}: expected a JSON object")
     return hf
+
+
+def generation_eos_ids(hf_dir: Path) -> tuple[int, ...] | None:
+    """generation_config.json's eos_token_id (an int or a list of ints): the ids transformers' `generate`
+    stops on, in place of config.json's (gpt-oss adds <|call|> and <|endoftext|> there, Qwen3 instruct
+    <|endoftext|>). None when the file or the field is absent."""
+    path = hf_dir / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (ValueError, AttributeError) as e:
+        raise JaxmoeError(f"{path}: not a JSON object ({e})") from None
+    if eos is None:
+        return None
+    ids = eos if isinstance(eos, list) else [eos]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise JaxmoeError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return tuple(ids)
 
 
 def model_config_from_hf(hf: dict, dtype: str | None) -> ModelConfig:
@@ -175,6 +195,9 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, force: bool =
     out_dir = Path(os.path.abspath(out_dir))  # `.` or `x/..` have no usable .name / .parent for the sibling temp dir
     hf = read_hf_config(hf_dir)
     cfg = model_config_from_hf(hf, dtype)
+    stop_ids = generation_eos_ids(hf_dir)
+    if stop_ids is not None:  # what transformers' generate stops on
+        cfg = dataclasses.replace(cfg, eos_token_ids=stop_ids)
     source = SafetensorsSource(hf_dir)
     if quant_method(hf) == "mxfp4":  # accepted by the family adapter (GPT-OSS): dequantized while read
         source = Mxfp4Source(source)

@@ -1,6 +1,7 @@
-"""CLI: python -m jaxmoe.generate [--model DIR] [--prompt TEXT | --prompt-file F] [--max-new-tokens N] ...
+"""CLI: python -m jaxmoe.generate [--model DIR] [--prompt TEXT | --prompt-file F] [--chat [--system S]] ...
 
-Streams the generated text to stdout, then prints one summary line on stderr. With no --model it runs
+Streams the generated text to stdout (a plain prompt with its continuation; with --chat, the reply to the
+prompt sent through the model's chat template), then prints one summary line on stderr. With no --model it runs
 the embedded default model on a default code prompt. Bad input: one `error: ...` line, exit code 2.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from jaxmoe.errors import JaxmoeError, run_cli
 from jaxmoe.expert_quant import QUANTIZE_MODES
+from jaxmoe.prompt import chat_messages, prompt_ids, render_chat
 from scheduler.speculation import MODES as SPECULATION_MODES
 
 
@@ -23,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="prompt text")
     src.add_argument("--prompt-file", type=Path, default=None, help="file holding the prompt (UTF-8)")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the model's chat template (instruct models)")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -72,6 +77,8 @@ def run(args) -> int:
     # flags that need no model fail before it loads (seconds): the checks generate runs again later
     SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
     check_max_new_tokens(args.max_new_tokens)
+    if args.system is not None and not args.chat:
+        raise JaxmoeError("--system needs --chat (a system message only exists in a chat template)")
     if args.output_json is not None:
         check_output_path(args.output_json)
     compile_cache.enable()
@@ -92,6 +99,8 @@ def run(args) -> int:
         prompt = args.prompt
     else:
         raise JaxmoeError("--prompt or --prompt-file is required with --model")
+    if args.chat:  # before the model loads: the template is rendered (and may fail) in seconds
+        chat_text = render_chat(model_dir, chat_messages(prompt, args.system))
 
     offload = {k: v for k, v in dict(cache_slots=args.cache_slots, expert_cache_gb=args.expert_cache_gb,
                                      policy=args.policy, predictor=args.predictor,
@@ -106,9 +115,7 @@ def run(args) -> int:
     if engine.tokenizer is None:
         raise JaxmoeError(f"{model_dir}: the model has no tokenizer files; use the Python API with token ids")
     tok = engine.tokenizer
-    prompt_ids = tok.encode(prompt, add_special_tokens=False)
-    if engine.cfg.bos_token_id is not None and (not prompt_ids or prompt_ids[0] != engine.cfg.bos_token_id):
-        prompt_ids = [engine.cfg.bos_token_id] + prompt_ids
+    ids = prompt_ids(tok, chat_text, template_rendered=True) if args.chat else prompt_ids(tok, prompt)
 
     generated: list[int] = []
     shown = [""]
@@ -121,8 +128,9 @@ def run(args) -> int:
             sys.stdout.flush()
             shown[0] = text
 
-    sys.stdout.write(prompt)
-    result = engine.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    if not args.chat:  # a plain prompt is continued: shown with its continuation; a chat prompt is answered
+        sys.stdout.write(prompt)
+    result = engine.generate(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, seed=args.seed, on_token=stream)
     sys.stdout.write("\n")
     sys.stdout.flush()

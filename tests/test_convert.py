@@ -27,6 +27,7 @@ from convert.__main__ import main
 from convert.converter import TOKENIZER_FILES
 from convert.families import FAMILIES
 from convert.source import INDEX_FILE
+from jaxmoe.config import load_config
 from jaxmoe.errors import JaxmoeError
 from tests.hf_models import COMMON, build_hf_checkpoint
 
@@ -330,6 +331,16 @@ def case_unknown_flag(hf, out):
     return ["--overwrite"], ["--overwrite"]
 
 
+def case_generation_config_bad_eos(hf, out):
+    (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": ["</s>"]}))
+    return [], ["generation_config.json", "eos_token_id"]
+
+
+def case_generation_config_not_json(hf, out):
+    (hf / "generation_config.json").write_text("{eos")
+    return [], ["generation_config.json"]
+
+
 def case_force_with_bad_input(hf, out):  # --force must not touch OUT_DIR when the input is refused
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -508,3 +519,18 @@ def test_bfloat16_output_loads(hf_dir, out_dir, capsys):
     w2 = np.asarray(pure["layers"][2]["moe"]["experts"]["w_down"][5])
     np.testing.assert_array_equal(w2, src["model.layers.2.block_sparse_moe.experts.5.w2.weight"].T
                                   .astype(ml_dtypes.bfloat16))
+
+
+def test_generation_config_eos_ids_are_the_stop_ids(hf_dir, out_dir, capsys):
+    """transformers' generate stops on generation_config.json's eos_token_id (gpt-oss adds <|call|> there):
+    so does ours; without the field, config.json's."""
+    edit_config(hf_dir, eos_token_id=2)
+    (hf_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5, 7], "do_sample": False}))
+    rc, err = run_in_process(capsys, hf_dir, out_dir)
+    assert rc == 0, err
+    assert load_config(out_dir).eos_token_ids == (2, 5, 7)
+    assert json.loads((out_dir / "generation_config.json").read_text())["eos_token_id"] == [2, 5, 7]  # copied
+    (hf_dir / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    rc, err = run_in_process(capsys, hf_dir, out_dir, "--force")
+    assert rc == 0, err
+    assert load_config(out_dir).eos_token_ids == (2,)

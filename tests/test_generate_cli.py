@@ -15,9 +15,15 @@ PROMPT = "def add(a, b): return a + b"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: the test models' pad 0, bos 1, eos 2
 
 
-def add_char_tokenizer(model_dir: Path, vocab_size: int) -> None:
-    """A character-level tokenizer with exactly `vocab_size` tokens, saved with transformers."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def add_char_tokenizer(model_dir: Path, vocab_size: int, adds_bos: bool = True, chat_template: str | None = None) -> None:
+    """A character-level tokenizer with exactly `vocab_size` tokens, saved with transformers. adds_bos: its
+    post-processor puts <s> before a text encoded with special tokens (as Llama's and Mixtral's do; Qwen's do
+    not)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     chars = [chr(c) for c in range(32, 127)][: vocab_size - len(SPECIALS)]
@@ -26,8 +32,13 @@ def add_char_tokenizer(model_dir: Path, vocab_size: int) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
     fast.save_pretrained(str(model_dir))
 
 
@@ -81,7 +92,7 @@ def test_offloaded_run(offloaded, model_dir):
         assert word in last, last
     payload = json.loads(out.read_text())
     assert set(payload) >= {"prompt_ids", "generated_ids", "text", "stats"}
-    assert payload["prompt_ids"][0] == 1 and len(payload["prompt_ids"]) == 1 + len(PROMPT)  # bos + characters
+    assert payload["prompt_ids"][0] == 1 and len(payload["prompt_ids"]) == 1 + len(PROMPT)  # its bos + characters
     assert 1 <= len(payload["generated_ids"]) <= 8
     assert all(0 <= t < 96 for t in payload["generated_ids"])
     assert proc.stdout.rstrip("\n") == PROMPT + payload["text"]  # exactly what was streamed
@@ -118,6 +129,53 @@ def test_int8_experts_offloaded_and_resident_agree(model_dir, workdir):
         runs[name] = json.loads(out.read_text())
     assert runs["int8-offloaded"]["generated_ids"] == runs["int8-resident"]["generated_ids"]
     assert runs["int8-offloaded"]["stats"]["quantize_experts"] == "int8"
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(model_dir, tmp_path_factory):
+    """The same model with a tokenizer that adds no BOS (as Qwen's) and has a chat template."""
+    target = tmp_path_factory.mktemp("chat") / "model"
+    shutil.copytree(model_dir, target)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (target / name).unlink(missing_ok=True)
+    add_char_tokenizer(target, json.loads((target / "jaxmoe.json").read_text())["vocab_size"], adds_bos=False,
+                       chat_template=CHAT_TEMPLATE)
+    return target
+
+
+def test_prompt_ids_are_what_the_transformers_tokenizer_gives(model_dir, chat_model_dir):
+    """A plain prompt gets the tokenizer's own special tokens (a BOS only where the tokenizer adds one)."""
+    from transformers import AutoTokenizer
+
+    from jaxmoe.prompt import prompt_ids
+    from jaxmoe.tokenizer import load_tokenizer
+
+    for directory, first in ((model_dir, [1]), (chat_model_dir, [])):
+        expected = AutoTokenizer.from_pretrained(str(directory))(PROMPT)["input_ids"]
+        assert prompt_ids(load_tokenizer(directory), PROMPT) == expected == first + expected[len(first):]
+        assert len(expected) == len(first) + len(PROMPT)
+
+
+def test_chat_prompt_goes_through_the_chat_template(chat_model_dir, workdir):
+    from transformers import AutoTokenizer
+
+    out = workdir / "chat.json"
+    proc = cli(workdir, "--model", chat_model_dir, "--prompt", "hi there", "--chat", "--system", "be brief",
+               "--max-new-tokens", 4, "--output-json", out, "--cache-slots", 4)
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(out.read_text())
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    rendered = AutoTokenizer.from_pretrained(str(chat_model_dir)).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False)
+    assert rendered == "<s>system: be brief\n<s>user: hi there\nassistant:"
+    expected = AutoTokenizer.from_pretrained(str(chat_model_dir))(rendered, add_special_tokens=False)["input_ids"]
+    assert payload["prompt_ids"] == expected and expected.count(1) == 2  # the template's <s> as tokens, no extra BOS
+    assert proc.stdout.rstrip("\n") == payload["text"]  # the reply only, not the template
+
+
+def test_refuses_chat_without_a_template_and_system_without_chat(model_dir, workdir):
+    assert_refused(cli(workdir, "--model", model_dir, "--prompt", "x", "--chat"), "--chat", "no chat template")
+    assert_refused(cli(workdir, "--model", model_dir, "--prompt", "x", "--system", "s"), "--system", "--chat")
 
 
 def test_refuses_missing_model_dir(workdir):
