@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from convert.families import FAMILIES
-from convert.families.gpt_oss import quant_method
+from convert.families.common import quant_method
+from convert.fp8 import Fp8Source, block_size_of, refuse_undeclared_fp8
 from convert.keymap import Placement, place
 from convert.mxfp4 import Mxfp4Source
 from convert.source import SafetensorsSource
@@ -135,6 +136,20 @@ def _missing_message(cfg, rules, path, struct, entries, source) -> str:
     return f"{source.hf_dir}: no tensor fills parameter {_dotted(path)}"
 
 
+def open_source(hf_dir: Path, hf: dict):
+    """The checkpoint's tensors as the model's parameters want them: MXFP4 pairs (GPT-OSS) and fp8 weights with
+    their block scales read dequantized (methods the family adapter accepted); a float8 tensor in a checkpoint that
+    does not declare fp8 is refused."""
+    source = SafetensorsSource(hf_dir)
+    method = quant_method(hf)
+    if method == "fp8":
+        return Fp8Source(source, block_size_of(hf["quantization_config"]))
+    refuse_undeclared_fp8(source)
+    if method == "mxfp4":
+        return Mxfp4Source(source)
+    return source
+
+
 def _read_piece(source, plan, paths, dtypes) -> dict:
     """Reads, transposes, slices, casts (to each parameter's own dtype) and stacks the tensors of `paths`. A
     tensor split over several parameters (`KeyRule.columns`) is read once: the last one read is kept."""
@@ -175,9 +190,7 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, force: bool =
     out_dir = Path(os.path.abspath(out_dir))  # `.` or `x/..` have no usable .name / .parent for the sibling temp dir
     hf = read_hf_config(hf_dir)
     cfg = model_config_from_hf(hf, dtype)
-    source = SafetensorsSource(hf_dir)
-    if quant_method(hf) == "mxfp4":  # accepted by the family adapter (GPT-OSS): dequantized while read
-        source = Mxfp4Source(source)
+    source = open_source(hf_dir, hf)
     plan, dtypes = plan_conversion(cfg, source)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
