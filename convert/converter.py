@@ -4,7 +4,8 @@ Steps: read config.json -> family adapter -> ModelConfig; read safetensors heade
 HF tensor with the adapter's key rules and check names and shapes against the model's abstract state
 (every tensor used exactly once, every parameter filled) before writing anything; then read, cast and
 save one piece (globals, each layer's dense part, each layer's expert stack) at a time into a temporary
-sibling directory that is renamed into place at the end.
+sibling directory that is renamed into place at the end. Quantized checkpoints the family accepts are read
+dequantized, one tensor at a time (`open_source`: fp8 block-wise by `convert.fp8`, MXFP4 by `convert.mxfp4`).
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ from jaxmoe.errors import JaxmoeError
 
 SCALE_SUFFIX = "_scale_inv"  # `X.weight` -> `X.weight_scale_inv`, a fused `X.gate_up_proj` -> `X.gate_up_proj_scale_inv`
 FP8_DTYPE = "F8_E4M3"  # safetensors' name for float8_e4m3fn
-SCALE_DTYPES = ("F32", "BF16", "F16", "U8")
+SCALE_DTYPES = ("F32", "BF16", "F16", "U8")  # safetensors' names of the scale dtypes read
+SCALE_NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.uint8))
 DEFAULT_BLOCK_SIZE = (128, 128)  # transformers' FineGrainedFP8Config default when weight_block_size is absent
 FORMATS = ("e4m3",)  # `fmt` as DeepSeek's config.json spells it
 SCALE_FORMATS = ("float", "ue8m0")
@@ -86,8 +87,8 @@ def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block_size: tuple[
     if not isinstance(weight, np.ndarray) or weight.dtype != ml_dtypes.float8_e4m3fn or weight.ndim < 2:
         raise JaxmoeError(f"fp8 weight must be a float8_e4m3fn array with at least 2 dims, got {_describe(weight)}")
     want = scale_grid_shape(weight.shape, block_size)
-    if not isinstance(scale_inv, np.ndarray) or scale_inv.shape != want or scale_inv.dtype.kind not in "fu":
-        raise JaxmoeError(f"fp8 scale_inv must be a float or uint8 array of shape {list(want)} for weight "
+    if not isinstance(scale_inv, np.ndarray) or scale_inv.shape != want or scale_inv.dtype not in SCALE_NUMPY_DTYPES:
+        raise JaxmoeError(f"fp8 scale_inv must be a float32/bfloat16/float16/uint8 array of shape {list(want)} for weight "
                           f"{list(weight.shape)} in blocks of {list(block_size)}, got {_describe(scale_inv)}")
     block_rows, block_cols = block_size
     rows, cols = weight.shape[-2:]
@@ -137,7 +138,7 @@ class Fp8Source:
             path, dtype = source.file_of[key], source.dtype_of[key]
             if key.endswith(SCALE_SUFFIX):
                 weight_key = key[: -len(SCALE_SUFFIX)]
-                if source.dtype_of.get(weight_key) != FP8_DTYPE:
+                if not source.dtype_of.get(weight_key, "").startswith("F8"):  # a wrong F8 kind: named below
                     raise JaxmoeError(f"{path}: tensor {key} scales no float8 tensor {weight_key} "
                                       f"(that is {source.dtype_of.get(weight_key, 'absent')})")
                 continue

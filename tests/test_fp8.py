@@ -168,6 +168,18 @@ def test_stacked_experts_and_e8m0_scales_equal_transformers_loader():
     np.testing.assert_array_equal(_bits(got), _bits(ref))
 
 
+def test_bfloat16_scales_widen_exactly_and_bad_arrays_are_refused():
+    q, s = quantize_fp8(_random_weight((32, 48), seed=3))
+    s16 = s.astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(_bits(dequantize_fp8(q, s16, BLOCK)), _bits(dequantize_fp8(q, s16.astype(np.float32), BLOCK)))
+    with pytest.raises(JaxmoeError, match=r"scale_inv must be .* of shape \[2, 3\]"):
+        dequantize_fp8(q, s[:, :2], BLOCK)
+    with pytest.raises(JaxmoeError, match="scale_inv must be"):
+        dequantize_fp8(q, s.astype(np.int32), BLOCK)
+    with pytest.raises(JaxmoeError, match="float8_e4m3fn"):
+        dequantize_fp8(q.astype(ml_dtypes.float8_e5m2), s, BLOCK)
+
+
 # ---------------------------------------------------------------- whole models
 
 
@@ -273,6 +285,8 @@ BAD_CHECKPOINTS = {
                                  ["model.safetensors", DOWN, "no scale tensor", DOWN + "_scale_inv"]),
     "scale of the wrong shape": (lambda t, c: ({**t, Q + "_scale_inv": np.ones((2, 2), np.float32)}, c),
                                  ["model.safetensors", Q + "_scale_inv", "[2, 2]", "[3, 2]", "blocks of [16, 16]"]),
+    "float8 of another kind": (lambda t, c: ({**t, Q: t[Q].astype(ml_dtypes.float8_e5m2)}, c),
+                               ["model.safetensors", Q, "F8_E5M2", "F8_E4M3"]),
     "scale of an unquantized tensor": (
         lambda t, c: ({**t, "model.embed_tokens.weight_scale_inv": np.ones((6, 2), np.float32)}, c),
         ["model.safetensors", "model.embed_tokens.weight_scale_inv", "no float8 tensor", "F32"]),
