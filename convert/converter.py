@@ -4,7 +4,8 @@ Steps: read config.json -> family adapter -> ModelConfig; read safetensors heade
 HF tensor with the adapter's key rules and check names and shapes against the model's abstract state
 (every tensor used exactly once, every parameter filled) before writing anything; then read, cast and
 save one piece (globals, each layer's dense part, each layer's expert stack) at a time into a temporary
-sibling directory that is renamed into place at the end.
+sibling directory that is renamed into place at the end. Quantized checkpoints the family accepts are read
+dequantized, one tensor at a time (`open_source`: fp8 block-wise by `convert.fp8`, MXFP4 by `convert.mxfp4`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from convert.families import FAMILIES
-from convert.families.gpt_oss import quant_method
+from convert.families.common import quant_method
+from convert.fp8 import Fp8Source, block_size_of, refuse_undeclared_fp8
 from convert.keymap import Placement, place
 from convert.mxfp4 import Mxfp4Source
 from convert.source import SafetensorsSource
@@ -155,6 +157,20 @@ def _missing_message(cfg, rules, path, struct, entries, source) -> str:
     return f"{source.hf_dir}: no tensor fills parameter {_dotted(path)}"
 
 
+def open_source(hf_dir: Path, hf: dict):
+    """The checkpoint's tensors as the model's parameters want them: MXFP4 pairs (GPT-OSS) and fp8 weights with
+    their block scales read dequantized (methods the family adapter accepted); a float8 tensor in a checkpoint that
+    does not declare fp8 is refused."""
+    source = SafetensorsSource(hf_dir)
+    method = quant_method(hf)
+    if method == "fp8":
+        return Fp8Source(source, block_size_of(hf["quantization_config"]))
+    refuse_undeclared_fp8(source)
+    if method == "mxfp4":
+        return Mxfp4Source(source)
+    return source
+
+
 def _read_piece(source, plan, paths, dtypes) -> dict:
     """Reads, transposes, slices, casts (to each parameter's own dtype) and stacks the tensors of `paths`. A
     tensor split over several parameters (`KeyRule.columns`) is read once: the last one read is kept."""
@@ -198,9 +214,7 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, force: bool =
     stop_ids = generation_eos_ids(hf_dir)
     if stop_ids is not None:  # what transformers' generate stops on
         cfg = dataclasses.replace(cfg, eos_token_ids=stop_ids)
-    source = SafetensorsSource(hf_dir)
-    if quant_method(hf) == "mxfp4":  # accepted by the family adapter (GPT-OSS): dequantized while read
-        source = Mxfp4Source(source)
+    source = open_source(hf_dir, hf)
     plan, dtypes = plan_conversion(cfg, source)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,11 @@ through `safetensors.safe_open`, so peak memory stays near the largest tensor be
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -17,6 +19,8 @@ from jaxmoe.errors import JaxmoeError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# dtypes safetensors' numpy/flax readers cannot return (they look for np.float8_*): read from the file's bytes
+RAW_DTYPES = {"F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn)}
 
 
 class SafetensorsSource:
@@ -61,8 +65,10 @@ class SafetensorsSource:
         return sum(p.stat().st_size for p in set(self.file_of.values()))
 
     def read(self, key: str) -> np.ndarray:
-        """The tensor `key` as a host numpy array (bfloat16 via ml_dtypes)."""
+        """The tensor `key` as a host numpy array (bfloat16 and float8_e4m3fn via ml_dtypes)."""
         path = self.file_of[key]
+        if self.dtype_of[key] in RAW_DTYPES:
+            return _read_raw(path, key, RAW_DTYPES[self.dtype_of[key]])
         try:
             with jax.default_device(jax.devices("cpu")[0]), safe_open(path, framework="flax") as f:
                 return np.asarray(f.get_tensor(key))
@@ -78,3 +84,25 @@ def _header(path: Path):
                 yield key, tuple(sl.get_shape()), sl.get_dtype()
     except (SafetensorError, OSError) as e:
         raise JaxmoeError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+def _read_raw(path: Path, key: str, dtype: np.dtype) -> np.ndarray:
+    """Tensor `key` of safetensors file `path` read straight from its bytes into a new array (`dtype`, one byte per
+    value for the fp8 types): the format is an 8-byte little-endian header length, a JSON header
+    {key: {dtype, shape, data_offsets}}, then the data."""
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            entry = json.loads(f.read(header_len))[key]
+            begin, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            if end - begin != int(np.prod(shape)) * dtype.itemsize:
+                raise ValueError(f"{end - begin} bytes for shape {list(shape)}")
+            f.seek(8 + header_len + begin)
+            data = np.empty(end - begin, np.uint8)
+            got = f.readinto(data)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise JaxmoeError(f"{path}: cannot read tensor {key} ({e})") from None
+    if got != end - begin:
+        raise JaxmoeError(f"{path}: cannot read tensor {key} (file truncated)")
+    return data.view(dtype).reshape(shape)

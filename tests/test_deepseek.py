@@ -211,7 +211,7 @@ def test_hub_style_configs():
     (dict(model_type="deepseek_v2", scoring_func="sigmoid"), ["scoring_func", "'sigmoid'"]),
     (dict(model_type="deepseek_v3", topk_method="greedy"), ["topk_method", "noaux_tc"]),
     (dict(model_type="deepseek_v3", scoring_func="softmax"), ["scoring_func", "sigmoid"]),
-    (dict(model_type="deepseek_v3", quantization_config={"quant_method": "fp8"}), ["quantization_config", "fp8"]),
+    (dict(model_type="deepseek_v3", quantization_config={"quant_method": "awq"}), ["quantization_config", "awq", "fp8"]),
     (dict(model_type="deepseek_v3", num_key_value_heads=2), ["num_key_value_heads"]),
     (dict(model_type="deepseek_v3", n_group=3), ["n_group", "divisible"]),
     (dict(model_type="deepseek_v2", kv_lora_rank=None), ["kv_lora_rank"]),

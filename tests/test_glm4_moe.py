@@ -51,7 +51,7 @@ def test_hub_style_config():
 
 
 @pytest.mark.parametrize("change, words", [
-    (dict(quantization_config={"quant_method": "fp8"}), ["quantization_config", "fp8"]),
+    (dict(quantization_config={"quant_method": "gptq"}), ["quantization_config", "gptq", "fp8"]),
     (dict(n_group=3), ["n_group", "divisible"]),
     (dict(n_group=4, topk_group=5), ["topk_group"]),
     (dict(n_group=16, topk_group=1), ["n_group", "fewer than 2"]),

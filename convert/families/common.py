@@ -130,10 +130,17 @@ def router_rules(hf_prefix: str, bias_key: str | None = None) -> list[KeyRule]:
     return rules
 
 
-def refuse_quantized(hf: dict, hint: str) -> None:
-    """A checkpoint with a `quantization_config` (fp8, MXFP4, ...) is refused; `hint` says what to convert instead."""
-    if hf.get("quantization_config"):
-        method = (hf["quantization_config"] or {}).get("quant_method", "?")
+def quant_method(hf: dict) -> str | None:
+    """The checkpoint's `quantization_config.quant_method`, or None for an unquantized one."""
+    config = hf.get("quantization_config")
+    return (config or {}).get("quant_method", "?") if config else None
+
+
+def refuse_quantized(hf: dict, hint: str = "fp8 (block-wise) and bfloat16/float32 checkpoints convert") -> None:
+    """A checkpoint with a `quantization_config` other than fp8 (block-wise, dequantized by `convert.fp8` as the
+    converter reads it) is refused; `hint` says what converts."""
+    method = quant_method(hf)
+    if method not in (None, "fp8"):
         raise JaxmoeError(f"config.json: quantization_config ({method}) is not supported; {hint}")
 
 

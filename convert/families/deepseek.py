@@ -83,7 +83,7 @@ def _moe_layer_flags(hf: dict, num_layers: int, family: str) -> tuple[bool, ...]
 
 
 def _check_common(hf: dict, family: str) -> None:
-    refuse_quantized(hf, "convert a bfloat16/float32 checkpoint (e.g. dequantize DeepSeek's fp8 release first)")
+    refuse_quantized(hf)
     if hf.get("mlp_bias"):
         raise JaxmoeError(f"config.json: {family} mlp_bias true is not supported")
     heads = require(hf, "num_attention_heads", family)

@@ -47,7 +47,7 @@ def _rotary_dim(hf: dict, head_dim: int) -> int:
 
 
 def config_from_hf(hf: dict, dtype: str) -> ModelConfig:
-    refuse_quantized(hf, "convert a bfloat16 checkpoint")
+    refuse_quantized(hf)
     fields = common_fields(hf, MODEL_TYPE, dtype)
     first_dense = int(_get(hf, "first_k_dense_replace"))
     moe_layers = tuple(i >= first_dense for i in range(fields["num_layers"]))

@@ -16,7 +16,7 @@ The Hub checkpoints ship the expert matrices as MXFP4 (`quantization_config.quan
 
 from __future__ import annotations
 
-from convert.families.common import common_fields, global_rules, gqa_rules, layer_norm_rules, require
+from convert.families.common import common_fields, global_rules, gqa_rules, layer_norm_rules, quant_method, require
 from convert.keymap import KeyRule
 from jaxmoe.config import ModelConfig
 from jaxmoe.errors import JaxmoeError
@@ -29,12 +29,6 @@ DEFAULTS = dict(sliding_window=128, swiglu_alpha=1.702, swiglu_limit=7.0, attent
 
 def _get(hf: dict, key: str):
     return DEFAULTS[key] if key not in hf else hf[key]
-
-
-def quant_method(hf: dict) -> str | None:
-    """The checkpoint's `quantization_config.quant_method`, or None for an unquantized one."""
-    config = hf.get("quantization_config")
-    return (config or {}).get("quant_method", "?") if config else None
 
 
 def _sliding_layers(hf: dict, num_layers: int) -> tuple[bool, ...]:

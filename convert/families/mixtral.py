@@ -1,7 +1,7 @@
 """Mixtral: GQA attention, softmax top-k routing renormalized over the chosen experts."""
 
 from convert.families.common import (
-    common_fields, expert_rules, global_rules, gqa_rules, layer_norm_rules, require, router_rules,
+    common_fields, expert_rules, global_rules, gqa_rules, layer_norm_rules, refuse_quantized, require, router_rules,
 )
 from jaxmoe.config import ModelConfig
 
@@ -9,6 +9,7 @@ MODEL_TYPE = "mixtral"
 
 
 def config_from_hf(hf: dict, dtype: str) -> ModelConfig:
+    refuse_quantized(hf)
     fields = common_fields(hf, MODEL_TYPE, dtype)
     return ModelConfig(
         **fields,

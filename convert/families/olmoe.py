@@ -1,7 +1,7 @@
 """OLMoE: RMSNorm over the full q and k projections (before splitting heads), softmax top-k routing."""
 
 from convert.families.common import (
-    common_fields, expert_rules, global_rules, gqa_rules, layer_norm_rules, require, router_rules,
+    common_fields, expert_rules, global_rules, gqa_rules, layer_norm_rules, refuse_quantized, require, router_rules,
 )
 from jaxmoe.config import ModelConfig
 
@@ -9,6 +9,7 @@ MODEL_TYPE = "olmoe"
 
 
 def config_from_hf(hf: dict, dtype: str) -> ModelConfig:
+    refuse_quantized(hf)
     fields = common_fields(hf, MODEL_TYPE, dtype)
     if hf.get("clip_qkv") is not None:
         from jaxmoe.errors import JaxmoeError

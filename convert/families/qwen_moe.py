@@ -6,7 +6,8 @@ Both: `decoder_sparse_step` / `mlp_only_layers` choose which layers are dense.
 """
 
 from convert.families.common import (
-    common_fields, expert_rules, global_rules, gqa_rules, layer_norm_rules, mlp_rules, require, router_rules,
+    common_fields, expert_rules, global_rules, gqa_rules, layer_norm_rules, mlp_rules, refuse_quantized, require,
+    router_rules,
     sparse_layer_flags,
 )
 from convert.keymap import KeyRule
@@ -14,6 +15,7 @@ from jaxmoe.config import ModelConfig
 
 
 def _moe_fields(hf: dict, family: str, dtype: str) -> dict:
+    refuse_quantized(hf)
     fields = common_fields(hf, family, dtype)
     return dict(
         fields,
