@@ -2,7 +2,7 @@
 # The GPU measurements issue 7 still owes, in priority order, sized for a lent device (the `run` tool:
 # at most 10 minutes per command, 30 minutes per session). Run one step per call, from the repo root:
 #
-#     bash bench/gpu_suite.sh STEP        STEP = 1 .. 11
+#     bash bench/gpu_suite.sh STEP        STEP = 1 .. 12
 #
 # Results land in $OUT/results/<device>/ (default: /tmp/jaxmoe-gpu-suite), ready to copy into
 # bench/results/<device>/; re-draw plots here with `python -m bench sizes --plot-only FILE.json`.
@@ -31,9 +31,11 @@
 #   11 gpt-oss-20b (38 GB of bfloat16 experts, 49.8 MB each, top-4 of 32): 10% and 25% cache, on-demand /
 #      presched / oracle; then the same at 25% with --quantize-experts mxfp4 (the Hub's own 4-bit experts,
 #      lossless for a checkpoint converted from them: 0.27x the bytes per copy)
+#   12 MiniMax-M2 (449 GB of experts, 28.3 MB each, top-8 of 256 in all 62 layers: bench.sizes keeps the layers
+#      that fit host memory): 10% and 25% cache, on-demand / presched / oracle
 # SMOKE=1 shrinks every step to seconds (CPU check of the commands themselves).
 set -euo pipefail
-step="${1:?usage: bash bench/gpu_suite.sh STEP (1-11)}"
+step="${1:?usage: bash bench/gpu_suite.sh STEP (1-12)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 device="$(python -c 'from bench.policies import device_name; print(device_name())' 2>/dev/null)"
 out="${OUT:-/tmp/jaxmoe-gpu-suite}/results/$device"
@@ -71,6 +73,7 @@ case "$step" in
     sizes --shape gpt-oss-20b --cache 0.1,0.25 "${three[@]}" --skip-resident
     sizes --shape gpt-oss-20b --cache 0.25 "${three[@]}" --skip-resident --quantize-experts mxfp4
     ;;
-  *) echo "error: bench/gpu_suite.sh: unknown step '$step' (1-11)" >&2; exit 2 ;;
+  12) sizes --shape minimax-m2 --cache 0.1,0.25 "${three[@]}" --skip-resident ;;
+  *) echo "error: bench/gpu_suite.sh: unknown step '$step' (1-12)" >&2; exit 2 ;;
 esac
 ls -l "$out"

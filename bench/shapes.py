@@ -112,6 +112,21 @@ SHAPES: dict[str, dict] = {
                           original_max_position_embeddings=4096),
         swiglu_limit=7.0, hidden_act="silu", tie_word_embeddings=False, pad_token_id=199999, eos_token_id=200002,
     ),
+    # MiniMaxAI/MiniMax-M2 config.json: 62 layers of full softmax attention (attn_type_list all 1), d=3072,
+    # 48 heads / 8 KV heads with head_dim 128 (q width 6144 != d), q/k RMSNorm over the whole projections
+    # (qk_norm_type per_layer), RoPE over the first 64 of each head (rotary_dim, theta 5e6); 256 experts top-8 of
+    # intermediate 1536 in every layer, sigmoid scores with a selection bias, renormalized, no shared expert;
+    # vocab 200064; 3 multi-token-prediction modules (not loaded). The Hub ships FP8 weights; here they are
+    # bfloat16. 228.7B parameters (the model card: 230B total, 10B active); one expert = 3*3072*1536*2 B =
+    # 28.3 MB; all routed experts 449 GB.
+    "minimax-m2": dict(
+        model_type="minimax_m2", vocab_size=200064, hidden_size=3072, intermediate_size=1536, num_hidden_layers=62,
+        num_attention_heads=48, num_key_value_heads=8, head_dim=128, rotary_dim=64, attn_type_list=[1] * 62,
+        num_local_experts=256, num_experts_per_tok=8, scoring_func="sigmoid", use_routing_bias=True,
+        use_qk_norm=True, qk_norm_type="per_layer", shared_intermediate_size=0, max_position_embeddings=196608,
+        rms_norm_eps=1e-6, rope_theta=5000000, use_mtp=True, num_mtp_modules=3, mtp_transformer_layers=1,
+        hidden_act="silu", tie_word_embeddings=False,
+    ),
 }
 
 SHAPE_NAMES = tuple(SHAPES)
@@ -136,8 +151,9 @@ def hf_config_dict(name: str, num_layers: int | None = None, scale: float = 1.0)
         if num_layers <= hf.get("first_k_dense_replace", 0):
             raise JaxmoeError(f"--layers {num_layers}: {name} needs > {hf['first_k_dense_replace']} layers to have a MoE layer")
         hf["num_hidden_layers"] = num_layers
-        if "layer_types" in hf:
-            hf["layer_types"] = hf["layer_types"][:num_layers]
+        for per_layer in ("layer_types", "attn_type_list"):
+            if per_layer in hf:
+                hf[per_layer] = hf[per_layer][:num_layers]
     if not 0 < scale <= 1:
         raise JaxmoeError("--scale must be in (0, 1]")
     if scale == 1:
@@ -158,9 +174,12 @@ def hf_config_dict(name: str, num_layers: int | None = None, scale: float = 1.0)
                   v_head_dim=_even(hf["v_head_dim"] * root))
     else:
         new_head_dim = _even(head_dim * root)
-        factor = hf.get("partial_rotary_factor", 1.0)  # GLM: the rotated part of each head must stay even
+        # GLM, MiniMax-M2: the rotated part of each head (a factor, or MiniMax's absolute rotary_dim) must stay even
+        factor = hf.get("partial_rotary_factor", hf["rotary_dim"] / head_dim if "rotary_dim" in hf else 1.0)
         while int(new_head_dim * factor) % 2:
             new_head_dim += 2
+        if "rotary_dim" in hf:
+            hf["rotary_dim"] = int(new_head_dim * factor)
         if hf["hidden_size"] == heads * head_dim:  # keep d = heads * head_dim where the release has it
             hf.update(hidden_size=new_heads * new_head_dim)
         else:

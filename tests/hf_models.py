@@ -50,6 +50,12 @@ FAMILY_CONFIGS = {
                     rms_norm_eps=1e-5,
                     rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
                                          beta_slow=1.0, truncate=False, original_max_position_embeddings=64)),
+    # MiniMax-M2: q/k RMSNorm over the whole projections, RoPE over the first 4 of each 12-wide head (the Hub's
+    # absolute `rotary_dim`), sigmoid routing with a selection bias (randomized below: it changes choices),
+    # 8 experts top-3, the Hub's Mixtral-style keys (block_sparse_moe.experts.{e}.w1/w2/w3)
+    "minimax_m2": dict(num_local_experts=8, num_experts_per_tok=3, intermediate_size=16, head_dim=12, rotary_dim=4,
+                       use_qk_norm=True, qk_norm_type="per_layer", scoring_func="sigmoid", use_routing_bias=True,
+                       attn_type_list=[1, 1, 1], rope_theta=10000.0),
 }
 
 FAMILIES = tuple(FAMILY_CONFIGS)
@@ -70,7 +76,7 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
                 p.normal_(0.0, 0.02)
             else:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
-        for name, b in model.named_buffers():  # DeepSeek-V3's selection bias is a buffer, zero at init
+        for name, b in model.named_buffers():  # DeepSeek-V3's / MiniMax-M2's selection bias: a buffer, zero at init
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.1)
     return model

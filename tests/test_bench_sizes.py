@@ -13,13 +13,13 @@ from bench.synthetic import (
 )
 
 # total parameters of the public releases (bfloat16 shapes; the Hub model cards: 46.7B, 30.5B, 15.7B, 6.9B, 106B
-# without GLM's multi-token-prediction layer, 21B and 117B for gpt-oss)
+# without GLM's multi-token-prediction layer, 21B and 117B for gpt-oss, 230B for MiniMax-M2 without its MTP modules)
 PUBLIC_PARAMS = {"mixtral-8x7b": 46_702_792_704, "qwen3-30b-a3b": 30_532_122_624,
                  "deepseek-v2-lite": 15_706_484_224, "olmoe-1b-7b": 6_919_161_856, "glm-4.5-air": 106_852_251_264,
-                 "gpt-oss-20b": 20_914_757_184, "gpt-oss-120b": 116_829_156_672}
+                 "gpt-oss-20b": 20_914_757_184, "gpt-oss-120b": 116_829_156_672, "minimax-m2": 228_689_764_864}
 EXPERTS = {"mixtral-8x7b": (8, 2, 32), "qwen3-30b-a3b": (128, 8, 48), "deepseek-v2-lite": (64, 6, 26),
            "olmoe-1b-7b": (64, 8, 16), "glm-4.5-air": (128, 8, 45), "gpt-oss-20b": (32, 4, 24),
-           "gpt-oss-120b": (128, 4, 36)}  # experts per layer, top-k, MoE layers
+           "gpt-oss-120b": (128, 4, 36), "minimax-m2": (256, 8, 62)}  # experts per layer, top-k, MoE layers
 
 
 def random_source(tokens=400, layers=8, experts=32, k=4, seed=0) -> RoutingSource:

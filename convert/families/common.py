@@ -39,6 +39,23 @@ def rope_from_hf(hf: dict) -> tuple[float, RopeScaling]:
     return theta, RopeScaling(kind=kind, **fields)
 
 
+def partial_rotary_dim(hf: dict, head_dim: int, family: str, default_factor: float) -> int:
+    """RoPE's rotated width per head, int(head_dim * partial_rotary_factor) as transformers computes it, the factor
+    read from `rope_parameters` (transformers >= 5), else the top level (the Hub's config.json), else
+    `default_factor` (the family's transformers default)."""
+    factor = (hf.get("rope_parameters") or {}).get("partial_rotary_factor")
+    if factor is None:
+        factor = hf.get("partial_rotary_factor")
+    factor = float(default_factor if factor is None else factor)
+    dim = int(head_dim * factor)
+    if not (0 < dim <= head_dim and dim % 2 == 0):
+        raise JaxmoeError(
+            f"config.json: {family} partial_rotary_factor {factor} gives rotary width {dim} of head_dim {head_dim}; "
+            f"it must be even and in (0, head_dim]"
+        )
+    return dim
+
+
 def eos_ids(hf: dict) -> tuple[int, ...]:
     eos = hf.get("eos_token_id")
     if eos is None:
@@ -167,6 +184,7 @@ _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 
 def is_mtp_key(cfg: ModelConfig, key: str) -> bool:
     """DeepSeek-V3 and GLM-4.5 checkpoints append `num_nextn_predict_layers` multi-token-prediction layers
-    (model.layers.{num_hidden_layers}...); generation does not use them, as in transformers."""
+    (model.layers.{num_hidden_layers}...), MiniMax-M2 declares `num_mtp_modules` of them; generation does not use
+    them, as in transformers."""
     m = _LAYER_KEY.match(key)
     return m is not None and int(m.group(1)) >= cfg.num_layers
