@@ -38,7 +38,7 @@ FP8_DTYPE = "F8_E4M3"  # safetensors' name for float8_e4m3fn
 SCALE_DTYPES = ("F32", "BF16", "F16", "U8")  # safetensors' names of the scale dtypes read
 SCALE_NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.uint8))
 DEFAULT_BLOCK_SIZE = (128, 128)  # transformers' FineGrainedFP8Config default when weight_block_size is absent
-FORMATS = ("e4m3",)  # `fmt` as DeepSeek's config.json spells it
+FORMATS = ("e4m3", "float8_e4m3fn")  # `fmt` as DeepSeek's and MiniMax-M2's config.json spell it
 SCALE_FORMATS = ("float", "ue8m0")
 
 

@@ -34,7 +34,12 @@ WHOLE_BLOCKS = {
     "qwen3_moe": dict(head_dim=16),
     "deepseek_v3": dict(q_lora_rank=16, qk_rope_head_dim=16, v_head_dim=8),
     "glm4_moe": dict(head_dim=16),
+    "minimax_m2": dict(head_dim=16),
 }
+# what each family's Hub FP8 config.json says that the others do not (MiniMax-M2: its fmt spelling, router names)
+FAMILY_QUANTIZATION = {"minimax_m2": dict(fmt="float8_e4m3fn", modules_to_not_convert=["gate", "e_score_correction_bias",
+                                                                                       "lm_head", "model.embed_tokens"])}
+EXPERT_DOWN = {"minimax_m2": "block_sparse_moe.experts.3.w2"}  # else mlp.experts.3.down_proj
 
 
 def quantize_fp8(w: np.ndarray, block=BLOCK) -> tuple[np.ndarray, np.ndarray]:
@@ -53,8 +58,8 @@ def quantize_fp8(w: np.ndarray, block=BLOCK) -> tuple[np.ndarray, np.ndarray]:
     return q, scales
 
 
-def _is_quantized(key: str, value: np.ndarray) -> bool:
-    return key.endswith(".weight") and value.ndim == 2 and not any(n in key for n in NOT_CONVERTED)
+def _is_quantized(key: str, value: np.ndarray, not_converted=NOT_CONVERTED) -> bool:
+    return key.endswith(".weight") and value.ndim == 2 and not any(n in key for n in not_converted)
 
 
 def _hf_tensors(hf_dir) -> dict:
@@ -71,11 +76,13 @@ def fp8_checkpoint(tmp_path, family: str, **overrides) -> tuple[dict, dict]:
     """A tiny float32 model of `family` quantized as the Hub ships it -> (tensors, config)."""
     hf_dir = build_hf_checkpoint(family, tmp_path / f"{family}-float", **overrides)
     config = json.loads((hf_dir / "config.json").read_text())
-    config["quantization_config"] = dict(quant_method="fp8", activation_scheme="dynamic", fmt="e4m3",
-                                         weight_block_size=list(BLOCK), modules_to_not_convert=NOT_CONVERTED)
+    config["quantization_config"] = {**dict(quant_method="fp8", activation_scheme="dynamic", fmt="e4m3",
+                                            weight_block_size=list(BLOCK), modules_to_not_convert=NOT_CONVERTED),
+                                     **FAMILY_QUANTIZATION.get(family, {})}
+    not_converted = config["quantization_config"]["modules_to_not_convert"]
     tensors = {}
     for key, value in _hf_tensors(hf_dir).items():
-        if _is_quantized(key, value):
+        if _is_quantized(key, value, not_converted):
             tensors[key], tensors[key + "_scale_inv"] = quantize_fp8(value)
         else:
             tensors[key] = value
@@ -212,9 +219,9 @@ def test_fp8_model_matches_transformers(family, tmp_path, monkeypatch):
     ours = np.asarray(flat[("layers", 1, "attn", q_key.split(".")[-2])].get_value())
     np.testing.assert_array_equal(ours.T, hf.state_dict()[q_key].numpy())
     expert = np.asarray(flat[("layers", 1, "moe", "experts", "w_down")].get_value())[3]
-    np.testing.assert_array_equal(expert.T, transformers_loader_dequantize(
-        tensors["model.layers.1.mlp.experts.3.down_proj.weight"],
-        tensors["model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"], "float32"))
+    down = f"model.layers.1.{EXPERT_DOWN.get(family, 'mlp.experts.3.down_proj')}.weight"
+    np.testing.assert_array_equal(expert.T, transformers_loader_dequantize(tensors[down], tensors[down + "_scale_inv"],
+                                                                           "float32"))
 
     from flax import nnx
 

@@ -13,7 +13,7 @@ from jaxmoe.errors import JaxmoeError
 from tests.hf_models import build_hf_checkpoint
 
 # MiniMaxAI/MiniMax-M2's config.json as the Hub ships it, sizes shrunk (62 layers -> 4, 256 experts -> 16, ...);
-# its quantization_config (fp8) is left out here and refused below
+# its quantization_config (fp8) is HUB_FP8 below (a whole FP8 model converts in test_fp8.py)
 HUB = dict(
     architectures=["MiniMaxM2ForCausalLM"], model_type="minimax_m2", attn_type_list=[1, 1, 1, 1], head_dim=16,
     hidden_act="silu", hidden_size=48, intermediate_size=24, max_position_embeddings=196608, mtp_transformer_layers=1,
@@ -55,7 +55,7 @@ def test_hub_config():
 
 
 @pytest.mark.parametrize("change, words", [
-    (dict(quantization_config={"quant_method": "fp8", "fmt": "float8_e4m3fn"}), ["quantization_config", "fp8"]),
+    (dict(quantization_config={"quant_method": "awq"}), ["quantization_config", "awq"]),
     (dict(attn_type_list=[0, 1, 1, 1]), ["attn_type_list", "lightning"]),
     (dict(attn_type_list=[1, 1]), ["attn_type_list"]),
     (dict(use_qk_norm=False), ["use_qk_norm"]),
@@ -120,3 +120,14 @@ def test_offloaded_equals_resident(converted_model, slots, policy, speculate):
     engine = jaxmoe.load(model_dir, cache_slots=slots, policy=policy, speculate=speculate)
     for _ in range(2):  # cold, then warm (with 24 slots every expert is cached: whole-token steps)
         assert engine.generate(PROMPT, NEW_TOKENS).generated_ids == expected, (slots, policy, speculate)
+
+
+def test_hub_fp8_quantization_config_is_accepted():
+    """The Hub release is FP8 block-wise, with `fmt` spelled float8_e4m3fn: it maps, and the converter's fp8 reader
+    takes its quantization_config (whole FP8 models convert in test_fp8.py)."""
+    from convert.fp8 import block_size_of
+
+    quantization = {"activation_scheme": "dynamic", "fmt": "float8_e4m3fn", "quant_method": "fp8",
+                    "weight_block_size": [128, 128], "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"]}
+    assert model_config_from_hf(dict(HUB, quantization_config=quantization), None).family == "minimax_m2"
+    assert block_size_of(quantization) == (128, 128)

@@ -69,7 +69,7 @@ def _rotary_dim(hf: dict, head_dim: int) -> int:
 
 
 def config_from_hf(hf: dict, dtype: str) -> ModelConfig:
-    refuse_quantized(hf, "convert a bfloat16 checkpoint")
+    refuse_quantized(hf)
     hf = _with_defaults(hf)
     fields = common_fields(hf, MODEL_TYPE, dtype)
     _check_attention(hf, fields["num_layers"])
