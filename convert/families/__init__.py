@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Callable
 
-from convert.families import deepseek, glm4_moe, gpt_oss, mixtral, olmoe, qwen_moe
+from convert.families import deepseek, glm4_moe, gpt_oss, mixtral, olmoe, qwen3_next, qwen_moe
 from convert.families.common import is_mtp_key
 from convert.keymap import KeyRule
 from jaxmoe.config import ModelConfig
@@ -34,4 +34,5 @@ FAMILIES: dict[str, Adapter] = {
     "glm4_moe": Adapter(glm4_moe.config_from_hf, glm4_moe.key_rules, is_mtp_key),
     "glm4_moe_lite": Adapter(deepseek.glm_lite_config_from_hf, deepseek.key_rules, is_mtp_key),
     "gpt_oss": Adapter(gpt_oss.config_from_hf, gpt_oss.key_rules),
+    "qwen3_next": Adapter(qwen3_next.config_from_hf, qwen3_next.key_rules, qwen3_next.is_mtp_key),
 }

@@ -39,6 +39,22 @@ def rope_from_hf(hf: dict) -> tuple[float, RopeScaling]:
     return theta, RopeScaling(kind=kind, **fields)
 
 
+def partial_rotary_dim(hf: dict, head_dim: int, family: str, default_factor: float) -> int:
+    """int(head_dim * partial_rotary_factor), the factor read from `rope_parameters` (transformers >= 5) or the
+    top level (the Hub's config.json), else the family's default, as transformers computes the rotated width."""
+    factor = (hf.get("rope_parameters") or {}).get("partial_rotary_factor")
+    if factor is None:
+        factor = hf.get("partial_rotary_factor")
+    factor = float(default_factor if factor is None else factor)
+    dim = int(head_dim * factor)
+    if not (0 < dim <= head_dim and dim % 2 == 0):
+        raise JaxmoeError(
+            f"config.json: {family} partial_rotary_factor {factor} gives rotary width {dim} of head_dim {head_dim}; "
+            f"it must be even and in (0, head_dim]"
+        )
+    return dim
+
+
 def eos_ids(hf: dict) -> tuple[int, ...]:
     eos = hf.get("eos_token_id")
     if eos is None:

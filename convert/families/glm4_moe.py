@@ -14,8 +14,8 @@ transformers does not load and neither do we.
 from __future__ import annotations
 
 from convert.families.common import (
-    common_fields, expert_rules, global_rules, gqa_rules, layer_norm_rules, mlp_rules, refuse_quantized, require,
-    router_rules, sigmoid_group_routing,
+    common_fields, expert_rules, global_rules, gqa_rules, layer_norm_rules, mlp_rules, partial_rotary_dim,
+    refuse_quantized, require, router_rules, sigmoid_group_routing,
 )
 from convert.keymap import KeyRule
 from jaxmoe.config import ModelConfig
@@ -30,20 +30,6 @@ DEFAULTS = dict(first_k_dense_replace=1, n_shared_experts=1, routed_scaling_fact
 def _get(hf: dict, key: str):
     value = hf.get(key)
     return DEFAULTS[key] if value is None else value
-
-
-def _rotary_dim(hf: dict, head_dim: int) -> int:
-    """int(head_dim * partial_rotary_factor), the factor read from `rope_parameters` (transformers >= 5) or the
-    top level (the Hub's config.json), as transformers computes the rotated width."""
-    factor = (hf.get("rope_parameters") or {}).get("partial_rotary_factor")
-    factor = float(_get(hf, "partial_rotary_factor") if factor is None else factor)
-    dim = int(head_dim * factor)
-    if not (0 < dim <= head_dim and dim % 2 == 0):
-        raise JaxmoeError(
-            f"config.json: {MODEL_TYPE} partial_rotary_factor {factor} gives rotary width {dim} of head_dim {head_dim}; "
-            f"it must be even and in (0, head_dim]"
-        )
-    return dim
 
 
 def config_from_hf(hf: dict, dtype: str) -> ModelConfig:
@@ -68,7 +54,7 @@ def config_from_hf(hf: dict, dtype: str) -> ModelConfig:
     )
     return ModelConfig(
         **fields,
-        rotary_dim=_rotary_dim(hf, fields["head_dim"]),
+        rotary_dim=partial_rotary_dim(hf, fields["head_dim"], MODEL_TYPE, DEFAULTS["partial_rotary_factor"]),
         attention_bias=bool(hf.get("attention_bias", False)),
         qk_norm="head" if hf.get("use_qk_norm") else "none",
         **sigmoid_group_routing(fields, MODEL_TYPE, bool(_get(hf, "norm_topk_prob"))),
