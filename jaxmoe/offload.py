@@ -880,7 +880,9 @@ class OffloadEngine:
         hits, eviction stamps, the planner's feedback, the predictor's history; after a whole token it
         plans the next token's first transfers. From a missed position on it runs the layer path,
         from the hidden state that entered that layer, over the KV cache rows the program wrote (each
-        layer rewrites its row at this position before reading it)."""
+        layer rewrites its row at this position before reading it) and, for layers with a running state
+        (Gated DeltaNet), the state from before the token, which the program hands back for the layers from
+        the first miss on (`keep_states_of_redone_layers`)."""
         num_pos, k = len(self.moe_layer_ids), self.cfg.num_experts_per_tok
         forced = None
         if self.routing_override is not None:
