@@ -33,9 +33,11 @@
 #      lossless for a checkpoint converted from them: 0.27x the bytes per copy)
 #   12 MiniMax-M2 (449 GB of experts, 28.3 MB each, top-8 of 256 in all 62 layers: bench.sizes keeps the layers
 #      that fit host memory): 10% and 25% cache, on-demand / presched / oracle
+#   13 Qwen3-Next-80B-A3B (155 GB of experts, 6.3 MB each, top-10 of 512 in 48 layers; 36 Gated DeltaNet
+#      layers): 10% and 25% cache, on-demand / presched / oracle
 # SMOKE=1 shrinks every step to seconds (CPU check of the commands themselves).
 set -euo pipefail
-step="${1:?usage: bash bench/gpu_suite.sh STEP (1-12)}"
+step="${1:?usage: bash bench/gpu_suite.sh STEP (1-13)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 device="$(python -c 'from bench.policies import device_name; print(device_name())' 2>/dev/null)"
 out="${OUT:-/tmp/jaxmoe-gpu-suite}/results/$device"
@@ -74,6 +76,7 @@ case "$step" in
     sizes --shape gpt-oss-20b --cache 0.25 "${three[@]}" --skip-resident --quantize-experts mxfp4
     ;;
   12) sizes --shape minimax-m2 --cache 0.1,0.25 "${three[@]}" --skip-resident ;;
-  *) echo "error: bench/gpu_suite.sh: unknown step '$step' (1-12)" >&2; exit 2 ;;
+  13) sizes --shape qwen3-next-80b-a3b --cache 0.1,0.25 "${three[@]}" --skip-resident ;;
+  *) echo "error: bench/gpu_suite.sh: unknown step '$step' (1-13)" >&2; exit 2 ;;
 esac
 ls -l "$out"

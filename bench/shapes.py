@@ -127,6 +127,23 @@ SHAPES: dict[str, dict] = {
         rms_norm_eps=1e-6, rope_theta=5000000, use_mtp=True, num_mtp_modules=3, mtp_transformer_layers=1,
         hidden_act="silu", tie_word_embeddings=False,
     ),
+    # Qwen/Qwen3-Next-80B-A3B-Instruct config.json: 48 layers, every 4th full attention (full_attention_interval 4:
+    # 16 heads / 2 KV heads of head_dim 256 with an output gate, per-head q/k norm, RoPE over a quarter of each
+    # head, theta 1e7), the other 36 Gated DeltaNet (16 key heads / 32 value heads of width 128, conv width 4);
+    # d=2048; 512 experts top-10 of moe_intermediate 512 in every layer plus a gated shared expert of 512;
+    # vocab 151936; a multi-token-prediction module (not loaded). 79.67B parameters without it (the Hub counts
+    # 81.3B with it; the model card: 80B total, 3B active); one expert = 3*2048*512*2 B = 6.3 MB; all routed
+    # experts 155 GB.
+    "qwen3-next-80b-a3b": dict(
+        model_type="qwen3_next", vocab_size=151936, hidden_size=2048, intermediate_size=5120,
+        moe_intermediate_size=512, shared_expert_intermediate_size=512, num_hidden_layers=48, num_attention_heads=16,
+        num_key_value_heads=2, head_dim=256, partial_rotary_factor=0.25, full_attention_interval=4,
+        linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+        linear_num_value_heads=32, num_experts=512, num_experts_per_tok=10, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=262144, rms_norm_eps=1e-6,
+        rope_theta=10000000, rope_scaling=None, attention_bias=False, hidden_act="silu", tie_word_embeddings=False,
+        bos_token_id=151643, eos_token_id=151645,
+    ),
 }
 
 SHAPE_NAMES = tuple(SHAPES)
@@ -185,9 +202,14 @@ def hf_config_dict(name: str, num_layers: int | None = None, scale: float = 1.0)
         else:
             hf.update(hidden_size=_width(hf["hidden_size"], scale))
         hf["head_dim"] = new_head_dim
-    for key in ("intermediate_size", "moe_intermediate_size"):
+    for key in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
         if key in hf:
             hf[key] = _width(hf[key], scale)
+    if "linear_num_key_heads" in hf:  # Gated DeltaNet (Qwen3-Next): heads and head widths as attention's
+        key_heads = max(1, round(hf["linear_num_key_heads"] * root))
+        hf.update(linear_num_value_heads=key_heads * (hf["linear_num_value_heads"] // hf["linear_num_key_heads"]),
+                  linear_num_key_heads=key_heads, linear_key_head_dim=_even(hf["linear_key_head_dim"] * root),
+                  linear_value_head_dim=_even(hf["linear_value_head_dim"] * root))
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # special ids past the shrunk vocabulary
         ids = hf.get(key)
         if isinstance(ids, list):
@@ -211,9 +233,14 @@ def describe(cfg: ModelConfig) -> dict:
 
     from jaxmoe.checkpoint import abstract_model, split_layer
 
-    # one layer of each kind (dense / MoE) stands for all of that kind: abstract models of 48 layers are slow
-    kinds = tuple(sorted(set(cfg.moe_layers)))
-    _, state = abstract_model(dataclasses.replace(cfg, num_layers=len(kinds), moe_layers=kinds, sliding_layers=()))
+    # one layer of each kind (dense / MoE, attention / Gated DeltaNet) stands for all of that kind: abstract
+    # models of 48 layers are slow
+    linear = cfg.linear_layers or (False,) * cfg.num_layers
+    layer_kinds = list(zip(cfg.moe_layers, linear))
+    kinds = tuple(sorted(set(layer_kinds)))
+    _, state = abstract_model(dataclasses.replace(
+        cfg, num_layers=len(kinds), moe_layers=tuple(m for m, _ in kinds), sliding_layers=(),
+        linear_layers=tuple(lin for _, lin in kinds) if cfg.linear_layers else ()))
     pure = state.to_pure_dict()
     leaf_bytes = lambda tree: sum(int(math.prod(x.shape)) * x.dtype.itemsize for x in _leaves(tree))  # noqa: E731
     leaf_count = lambda tree: sum(int(math.prod(x.shape)) for x in _leaves(tree))  # noqa: E731
@@ -221,7 +248,7 @@ def describe(cfg: ModelConfig) -> dict:
     globals_tree = {k: v for k, v in pure.items() if k != "layers"}
     non_expert, non_expert_count = leaf_bytes(globals_tree), leaf_count(globals_tree)
     for i, tree in pure["layers"].items():
-        count = sum(1 for m in cfg.moe_layers if m == kinds[i])
+        count = layer_kinds.count(kinds[i])
         dense, experts = split_layer(tree)
         non_expert += count * leaf_bytes(dense)
         non_expert_count += count * leaf_count(dense)

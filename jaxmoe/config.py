@@ -68,14 +68,23 @@ class ModelConfig:
     rotary_dim: int | None = None  # GQA: RoPE rotates only the first rotary_dim of each head (GLM-4.5); None: all
     tie_word_embeddings: bool = False
     norm_float32_scale: bool = False  # layer and final RMSNorm weights float32, applied before rounding (GPT-OSS)
+    norm_unit_offset: bool = False  # every RMSNorm but the gated one scales by (1 + weight), in float32 (Qwen3-Next)
     # attention
     attention_kind: str = "gqa"  # "gqa" | "mla"
     attention_bias: bool = False  # bias on q/k/v projections
     attention_out_bias: bool = False  # bias on the output projection
     qk_norm: str = "none"  # "none" | "head" (per head_dim, Qwen3) | "full" (over all heads, OLMoE)
     attention_sinks: bool = False  # a learned per-head logit in every softmax's denominator (GPT-OSS)
+    attention_output_gate: bool = False  # q_proj also emits a per-head gate: o_proj(sigmoid(gate) * attn) (Qwen3-Next)
     sliding_window: int | None = None  # keys within this many positions of the query, on the layers below
     sliding_layers: tuple[bool, ...] = ()  # per layer: windowed (True) or full attention; () = all full
+    # Gated DeltaNet linear attention (Qwen3-Next, jaxmoe.gated_delta) on the layers below, attention_kind elsewhere
+    linear_layers: tuple[bool, ...] = ()  # per layer: Gated DeltaNet (True) or attention_kind; () = none
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0  # a multiple of linear_num_key_heads (each q/k head serves a group of v heads)
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0  # width of the causal depthwise convolution over q, k, v
     # multi-head latent attention (DeepSeek)
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
@@ -119,8 +128,25 @@ class ModelConfig:
             raise JaxmoeError("sliding-window attention and attention sinks need attention_kind 'gqa'")
         if any(self.sliding_layers) and not (self.sliding_window and self.sliding_window > 0):
             raise JaxmoeError(f"sliding_layers needs a positive sliding_window, got {self.sliding_window}")
+        if self.linear_layers:
+            self._check_linear_layers()
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise JaxmoeError(f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
+
+    def _check_linear_layers(self) -> None:
+        if len(self.linear_layers) != self.num_layers:
+            raise JaxmoeError(f"linear_layers has {len(self.linear_layers)} entries, num_layers is {self.num_layers}")
+        sizes = (self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
+                 self.linear_value_head_dim, self.linear_conv_kernel)
+        if min(sizes) < 1:
+            raise JaxmoeError(f"linear attention needs positive head counts, head dims and conv kernel, got {sizes}")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise JaxmoeError(f"linear_num_value_heads {self.linear_num_value_heads} is not a multiple of "
+                              f"linear_num_key_heads {self.linear_num_key_heads}")
+
+    def layer_attention_kind(self, layer: int) -> str:
+        """The token mixer of layer `layer`: "gated_delta" (linear attention) or `attention_kind`."""
+        return "gated_delta" if self.linear_layers and self.linear_layers[layer] else self.attention_kind
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:
@@ -160,6 +186,7 @@ class ModelConfig:
         d["moe_layers"] = tuple(d["moe_layers"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
+        d["linear_layers"] = tuple(d.get("linear_layers", ()))
         return cls(**d)
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxmoe.attention import padded_positions
 from jaxmoe.config import ModelConfig
 from jaxmoe.errors import JaxmoeError
 from jaxmoe.sampling import sample_tokens
@@ -208,10 +209,11 @@ def position_array(position, shape=(1,)):
 
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def prefill_step(graphdef, state, cache, tokens, lengths):
-    """tokens: int32[B, T] right-padded; lengths: int32[B] -> (logits of each last real token [B, V], cache)."""
+    """tokens: int32[B, T] right-padded; lengths: int32[B] -> (logits of each last real token [B, V], cache).
+    Padding tokens get position -1 (`jaxmoe.attention.padded_positions`), so running states skip them."""
     model = graphdef.merge(state)
     b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = jax.vmap(lambda n: padded_positions(n, t))(lengths)  # [B, T]
     h, cache, _ = model.hidden_states(tokens, positions, cache)
     last = h[jnp.arange(b), lengths - 1]  # [B, d]
     return model.logits(last), cache

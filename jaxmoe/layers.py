@@ -37,17 +37,22 @@ class RMSNorm(nnx.Module):
     float32_scale False (Llama, Mixtral, Qwen, DeepSeek, ...): the normalized input is rounded to x's dtype, then
     multiplied by the weight in that dtype. True (GPT-OSS): the weight is kept in float32 (transformers'
     `_keep_in_fp32_modules`) and multiplies the float32 normalized input before the one rounding. The two agree
-    in float32 and differ by a rounding in bfloat16."""
+    in float32 and differ by a rounding in bfloat16. unit_offset (Qwen3-Next's zero-centered norms): the scale is
+    (1 + weight), formed and applied in float32 before the one rounding; the weight starts at zeros."""
 
-    def __init__(self, size: int, eps: float, dtype, float32_scale: bool = False):
-        self.scale = nnx.Param(jnp.ones((size,), dtype=jnp.float32 if float32_scale else dtype))
+    def __init__(self, size: int, eps: float, dtype, float32_scale: bool = False, unit_offset: bool = False):
+        init = jnp.zeros if unit_offset else jnp.ones
+        self.scale = nnx.Param(init((size,), dtype=jnp.float32 if float32_scale else dtype))
         self.eps = eps
         self.float32_scale = float32_scale
+        self.unit_offset = unit_offset
 
     def __call__(self, x):
         dtype = x.dtype
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return ((1.0 + self.scale[...].astype(jnp.float32)) * x32).astype(dtype)
         if self.float32_scale:
             return (self.scale[...].astype(jnp.float32) * x32).astype(dtype)
         return self.scale[...].astype(dtype) * x32.astype(dtype)

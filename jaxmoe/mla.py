@@ -86,6 +86,8 @@ class MLAttention(nnx.Module):
     transformers' `attention_bias`.
     """
 
+    recurrent_cache = False  # writing a token's cache rows twice is writing them once
+
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         d, h = cfg.hidden_size, cfg.num_heads
         nope, rope, v, lora = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank

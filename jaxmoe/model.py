@@ -2,7 +2,7 @@
 
 State tree (what `nnx.split` yields and what converted checkpoints hold):
   embed.embedding [V, d]
-  layers[l].input_norm.scale, layers[l].attn.*, layers[l].post_attn_norm.scale
+  layers[l].input_norm.scale, layers[l].attn.* (attention or Gated DeltaNet), layers[l].post_attn_norm.scale
   layers[l].mlp.{gate_proj, up_proj, down_proj}                       (dense layers)
   layers[l].moe.router [d, E], .router_bias [E], .router_logit_bias [E],
   layers[l].moe.experts.{w_gate, w_up, w_down} [E, ...] (+ .{b_gate, b_up, b_down} [E, ...])
@@ -21,11 +21,12 @@ from flax import nnx
 
 from jaxmoe.attention import GQAttention
 from jaxmoe.config import ModelConfig
+from jaxmoe.gated_delta import GatedDeltaNet
 from jaxmoe.layers import Embed, RMSNorm, SwiGLUMLP, normal_param
 from jaxmoe.mla import MLAttention
 from jaxmoe.moe import MoEBlock
 
-ATTENTION_MODULES = {"gqa": GQAttention, "mla": MLAttention}
+ATTENTION_MODULES = {"gqa": GQAttention, "mla": MLAttention, "gated_delta": GatedDeltaNet}  # by layer_attention_kind
 
 
 def lm_logits(final_norm: RMSNorm, head, h):
@@ -37,12 +38,13 @@ def lm_logits(final_norm: RMSNorm, head, h):
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size
-        self.input_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, cfg.norm_float32_scale)
-        if cfg.attention_kind == "gqa":
+        self.input_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, cfg.norm_float32_scale, cfg.norm_unit_offset)
+        kind = cfg.layer_attention_kind(layer_id)
+        if kind == "gqa":
             self.attn = GQAttention(cfg, dtype, rngs, window=cfg.layer_window(layer_id))
         else:
-            self.attn = MLAttention(cfg, dtype, rngs)
-        self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, cfg.norm_float32_scale)
+            self.attn = ATTENTION_MODULES[kind](cfg, dtype, rngs)
+        self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, cfg.norm_float32_scale, cfg.norm_unit_offset)
         self.is_moe = cfg.moe_layers[layer_id]
         if self.is_moe:
             self.moe = MoEBlock(cfg, dtype, rngs)
@@ -73,12 +75,13 @@ class MoEModel(nnx.Module):
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype, rngs)
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs) for i in range(cfg.num_layers)])
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.norm_float32_scale)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.norm_float32_scale, cfg.norm_unit_offset)
         if not cfg.tie_word_embeddings:
             self.lm_head = normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict]:
-        """One cache dict per layer, preallocated for `max_len` positions."""
+        """One cache dict per layer, preallocated for `max_len` positions (a KV cache), or a running state
+        (Gated DeltaNet layers, whose size does not depend on max_len)."""
         dtype = dtype or self.embed.embedding[...].dtype
         return [type(layer.attn).init_cache(self.cfg, batch, max_len, dtype) for layer in self.layers]
 

@@ -148,9 +148,10 @@ def moe_layer_over_slots(graph, state, h, cache, positions, slot_row, slots, for
     return h, cache, ids[0], jnp.any(slot_ids < 0), features, scorer_state
 
 
-@partial(jax.jit, static_argnames=("graphs", "norm_graph", "scorer"), donate_argnames=("kv",))
+@partial(jax.jit, static_argnames=("graphs", "norm_graph", "scorer", "recurrent_layers"), donate_argnames=("kv",))
 def decode_token_over_slots(graphs, states, kv, embedding, norm_graph, norm_state, head, token, positions, slot_table,
-                            slots, forced_ids=None, scorer=None, scorer_params=None, scorer_state=None):
+                            slots, forced_ids=None, scorer=None, scorer_params=None, scorer_state=None,
+                            recurrent_layers=()):
     """One whole decode step in one program, every routed expert read from the slot buffers as
     `slot_table` says (see scheduler.speculation).
 
@@ -165,8 +166,14 @@ def decode_token_over_slots(graphs, states, kv, embedding, norm_graph, norm_stat
     table (1.0) and the last position's features as `moe_front` packs them (F values); h_in is the
     hidden state entering each MoE layer, from which the layer path redoes a token after a miss. The
     scorer state keeps the rows of positions before the first miss only (each row is written by its own
-    position), so a redo starts from what the layer path would have had."""
+    position), so a redo starts from what the layer path would have had.
+
+    recurrent_layers: per layer, whether its cache is a running state (`recurrent_cache`, Gated DeltaNet)
+    rather than KV rows, () for none. The layer path redoes every layer from the first missed MoE layer on;
+    rewriting KV rows at the same position is harmless, but a state stepped twice is wrong, so those layers'
+    states come back as they were before this token (the step is discarded with the rest of their work)."""
     h = jnp.take(embedding, token[:, None], axis=0)
+    kv_before = kv
     kv = list(kv)
     ids_all, missing_all, h_in = [], [], []
     new_scorer_state = scorer_state
@@ -189,8 +196,23 @@ def decode_token_over_slots(graphs, states, kv, embedding, norm_graph, norm_stat
         keep = lambda new, old: jnp.where(  # noqa: E731
             (jnp.arange(new.shape[0]) < first_miss).reshape(-1, *([1] * (new.ndim - 1))), new, old)
         new_scorer_state = jax.tree.map(keep, new_scorer_state, scorer_state)
+    if any(recurrent_layers):
+        kv = keep_states_of_redone_layers(graphs, recurrent_layers, missing, kv, kv_before)
     summary = jnp.concatenate([jnp.stack(ids_all).reshape(-1).astype(jnp.float32), missing.astype(jnp.float32), features])
     return logits, kv, summary, jnp.stack(h_in), new_scorer_state
+
+
+def keep_states_of_redone_layers(graphs, recurrent_layers, missing, kv, kv_before):
+    """Inside `decode_token_over_slots`: the caches of recurrent layers at or after the first missed MoE layer
+    (those the layer path redoes) as they were before the token; every other layer's as computed.
+    missing: bool[P] per MoE position; kv, kv_before: per layer its cache."""
+    moe_layers = jnp.asarray([i for i, (is_moe, _) in enumerate(graphs) if is_moe] + [len(graphs)], jnp.int32)
+    first_redone = moe_layers[jnp.argmax(jnp.concatenate([missing, jnp.ones(1, bool)]))]  # len(graphs): none
+    kv = list(kv)
+    for i, recurrent in enumerate(recurrent_layers):
+        if recurrent:
+            kv[i] = jax.tree.map(lambda new, old, i=i: jnp.where(i < first_redone, new, old), kv[i], kv_before[i])
+    return kv
 
 
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -438,6 +460,9 @@ class OffloadEngine:
         self.speculation = Speculation("auto")
         self._token_graphs = tuple((bool(is_moe), g) for is_moe, g, _, _ in layer_parts)
         self._token_states = tuple(leaves for _, _, leaves, _ in layer_parts)
+        # per layer whether its cache is a running state, which a redone whole-token step must not step twice
+        recurrent = tuple(ATTENTION_MODULES[cfg.layer_attention_kind(i)].recurrent_cache for i in range(cfg.num_layers))
+        self._recurrent_layers = recurrent if any(recurrent) else ()
 
     def _new_cache(self, planner, eviction) -> None:
         self.planner = planner
@@ -519,7 +544,7 @@ class OffloadEngine:
         num_pos, num_experts = len(self.moe_layer_ids), self.cfg.num_experts
         if spec == "gate-lookahead":
             trees = [self.layer_parts[layer][3].to_pure_dict() for layer in self.moe_layer_ids]
-            return GateLookaheadPredictor.from_layer_trees(trees, self.cfg.rms_norm_eps)
+            return GateLookaheadPredictor.from_layer_trees(trees, self.cfg.rms_norm_eps, self.cfg.norm_unit_offset)
         if spec == "previous-token":
             return PreviousTokenPredictor(num_pos, num_experts)
         if spec == "frequency":
@@ -770,7 +795,7 @@ class OffloadEngine:
 
     def _init_kv(self, i: int, dtype) -> None:
         if self._kv[i] is None:
-            attention = ATTENTION_MODULES[self.cfg.attention_kind]
+            attention = ATTENTION_MODULES[self.cfg.layer_attention_kind(i)]
             self._kv[i] = attention.init_cache(self.cfg, 1, self._max_len, dtype)
 
     def _logits(self, h_last):
@@ -787,7 +812,9 @@ class OffloadEngine:
             positions = np.arange(start, start + chunk, dtype=np.int32)[None]
             valid = positions[0] < length
             self._position = positions[0]
-            h = self._forward(jnp.asarray(tokens[:, start : start + chunk]), jnp.asarray(positions), valid)
+            # padding at position -1 (jaxmoe.attention): running states (Gated DeltaNet) skip it
+            h = self._forward(jnp.asarray(tokens[:, start : start + chunk]), jnp.asarray(np.where(valid, positions, -1)),
+                              valid)
             if start <= length - 1 < start + chunk:
                 last = h[:, length - 1 - start]
         logits = self._logits(last)
@@ -853,7 +880,9 @@ class OffloadEngine:
         hits, eviction stamps, the planner's feedback, the predictor's history; after a whole token it
         plans the next token's first transfers. From a missed position on it runs the layer path,
         from the hidden state that entered that layer, over the KV cache rows the program wrote (each
-        layer rewrites its row at this position before reading it)."""
+        layer rewrites its row at this position before reading it) and, for layers with a running state
+        (Gated DeltaNet), the state from before the token, which the program hands back for the layers from
+        the first miss on (`keep_states_of_redone_layers`)."""
         num_pos, k = len(self.moe_layer_ids), self.cfg.num_experts_per_tok
         forced = None
         if self.routing_override is not None:
@@ -867,7 +896,8 @@ class OffloadEngine:
             table = self.cache.landed_slots(self._moe_layer_index)
             logits, self._kv, summary, h_in, scorer_state = decode_token_over_slots(
                 self._token_graphs, self._token_states, self._kv, self.globals["embedding"], g_norm, norm_state,
-                self.globals["head"], token, positions, table, self.slots, forced, **scorer)
+                self.globals["head"], token, positions, table, self.slots, forced, recurrent_layers=self._recurrent_layers,
+                **scorer)
         if self._scorer is not None:
             self._scorer_state = scorer_state
         if not self._whole_token_ran:

@@ -124,11 +124,13 @@ class GateLookaheadPredictor:
                                    self._logit_bias_ext)
 
     @classmethod
-    def from_layer_trees(cls, moe_layer_trees: list[dict], eps: float) -> "GateLookaheadPredictor":
+    def from_layer_trees(cls, moe_layer_trees: list[dict], eps: float, norm_unit_offset: bool = False) -> "GateLookaheadPredictor":
         """From the pure-dict state of each MoE layer (keys post_attn_norm.scale, moe.router, moe.router_bias,
-        moe.router_logit_bias)."""
+        moe.router_logit_bias); norm_unit_offset: the norms scale by 1 + weight (ModelConfig.norm_unit_offset)."""
         kernels = np.stack([np.asarray(t["moe"]["router"], np.float32) for t in moe_layer_trees])
         scales = np.stack([np.asarray(t["post_attn_norm"]["scale"], np.float32) for t in moe_layer_trees])
+        if norm_unit_offset:
+            scales = scales + np.float32(1.0)
         bias = None
         if "router_bias" in moe_layer_trees[0]["moe"]:
             bias = np.stack([np.asarray(t["moe"]["router_bias"], np.float32) for t in moe_layer_trees])

@@ -163,7 +163,7 @@ def build_predictors(model_dir: Path, train_trace: TraceData, predictor_dir: Pat
         "frequency": frequency,
         "previous-token": PreviousTokenPredictor(L, E),
         "gate-lookahead": GateLookaheadPredictor.from_layer_trees([pure["layers"][i] for i in cfg.moe_layer_ids],
-                                                                  cfg.rms_norm_eps),
+                                                                  cfg.rms_norm_eps, cfg.norm_unit_offset),
     }
     if predictor_dir is not None:
         from predictors.llapor import LLaPorPredictor

@@ -183,7 +183,8 @@ def gate_lookahead(model_dir: Path, trace: TraceData) -> GateLookaheadPredictor:
         raise JaxmoeError(f"--model {model_dir}: (MoE layers, experts, hidden) {shape} do not match the trace's "
                           f"{(trace.num_moe_layers, trace.num_experts, trace.hidden.shape[2])}")
     pure = nnx.to_pure_dict(state)
-    return GateLookaheadPredictor.from_layer_trees([pure["layers"][i] for i in cfg.moe_layer_ids], cfg.rms_norm_eps)
+    return GateLookaheadPredictor.from_layer_trees([pure["layers"][i] for i in cfg.moe_layer_ids], cfg.rms_norm_eps,
+                                                   cfg.norm_unit_offset)
 
 
 def baseline_recall(train: TraceData, val: TraceData, top_k: int, model_dir: Path | None, notes: list) -> dict:

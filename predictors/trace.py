@@ -148,10 +148,13 @@ def _make_steps():
     import jax.numpy as jnp
 
     @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-    def prefill(graphdef, state, cache, tokens):
-        """tokens int32[1, T] (right-padded) -> (cache, routing arrays over the T positions)."""
+    def prefill(graphdef, state, cache, tokens, length):
+        """tokens int32[1, T] (right-padded after `length` real tokens) -> (cache, routing arrays over the T
+        positions). Padding gets position -1, so running states (Gated DeltaNet) skip it."""
+        from jaxmoe.attention import padded_positions
+
         model = graphdef.merge(state)
-        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+        positions = padded_positions(length, tokens.shape[1])[None, :]
         _, cache, routing = model.hidden_states(tokens, positions, cache)
         return cache, _pack(routing)
 
@@ -206,7 +209,7 @@ class Tracer:
         padded = np.zeros((1, bucket_length(p)), np.int32)
         padded[0, :p] = tokens[:p]
         cache = self.model.init_cache(1, cache_len)
-        cache, first = prefill(self.static, self.leaves, cache, jnp.asarray(padded))
+        cache, first = prefill(self.static, self.leaves, cache, jnp.asarray(padded), np.int32(p))
         parts = [jax.tree.map(lambda a: a[:p], first)]
         doc = np.zeros(cache_len, np.int32)
         doc[:n] = tokens

@@ -8,7 +8,9 @@ expert's slot up in a device-side copy of the slot table taken when the token is
 program reports the first MoE position whose routing found an expert outside the cache; when there is
 one, the runtime discards the program's work from that position on and finishes the token layer by
 layer from the hidden state that entered it (the KV cache rows of the discarded layers are rewritten
-at the same position, so the result is what the layer path computes).
+at the same position; running states, Gated DeltaNet's, come back from the program as they were before the
+token for those layers, since stepping them twice is not idempotent; so the result is what the layer path
+computes).
 
 Whether to speculate is a cost decision, made per token from a linear model of each mode's period:
 

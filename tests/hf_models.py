@@ -56,6 +56,13 @@ FAMILY_CONFIGS = {
     "minimax_m2": dict(num_local_experts=8, num_experts_per_tok=3, intermediate_size=16, head_dim=12, rotary_dim=4,
                        use_qk_norm=True, qk_norm_type="per_layer", scoring_func="sigmoid", use_routing_bias=True,
                        attn_type_list=[1, 1, 1], rope_theta=10000.0),
+    # Qwen3-Next: Gated DeltaNet on layers 0, 2, 3 (2 key heads, 4 value heads), gated full attention on
+    # layer 1 (RoPE over half of each head), zero-centered norms, a gated shared expert, layer 2 dense
+    "qwen3_next": dict(num_hidden_layers=4, head_dim=12, partial_rotary_factor=0.5, num_experts=6,
+                       moe_intermediate_size=16, shared_expert_intermediate_size=24, norm_topk_prob=True,
+                       mlp_only_layers=[2], linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                       linear_value_head_dim=6, linear_conv_kernel_dim=4,
+                       layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"]),
 }
 
 FAMILIES = tuple(FAMILY_CONFIGS)
@@ -76,6 +83,9 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
                 p.normal_(0.0, 0.02)
             else:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+        for name, p in model.named_parameters():  # Gated DeltaNet: per-token decays ~0.8-0.97, a long memory
+            if name.endswith("A_log"):
+                p.copy_(torch.log(0.04 + 0.3 * torch.rand_like(p)))
         for name, b in model.named_buffers():  # DeepSeek-V3's / MiniMax-M2's selection bias: a buffer, zero at init
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.1)

@@ -16,10 +16,15 @@ from bench.synthetic import (
 # without GLM's multi-token-prediction layer, 21B and 117B for gpt-oss, 230B for MiniMax-M2 without its MTP modules)
 PUBLIC_PARAMS = {"mixtral-8x7b": 46_702_792_704, "qwen3-30b-a3b": 30_532_122_624,
                  "deepseek-v2-lite": 15_706_484_224, "olmoe-1b-7b": 6_919_161_856, "glm-4.5-air": 106_852_251_264,
-                 "gpt-oss-20b": 20_914_757_184, "gpt-oss-120b": 116_829_156_672, "minimax-m2": 228_689_764_864}
+                 "gpt-oss-20b": 20_914_757_184, "gpt-oss-120b": 116_829_156_672, "minimax-m2": 228_689_764_864,
+                 # Qwen3-Next-80B-A3B without its multi-token-prediction module, counted by hand from config.json:
+                 # embeddings 2 * 151936 * 2048, 48 MoE blocks of 1,614,809,088 (512 experts, router, gated shared
+                 # expert), 12 gated attention blocks of 27,263,488, 36 Gated DeltaNet blocks of 33,718,464, norms
+                 "qwen3-next-80b-a3b": 79_674_391_296}
 EXPERTS = {"mixtral-8x7b": (8, 2, 32), "qwen3-30b-a3b": (128, 8, 48), "deepseek-v2-lite": (64, 6, 26),
            "olmoe-1b-7b": (64, 8, 16), "glm-4.5-air": (128, 8, 45), "gpt-oss-20b": (32, 4, 24),
-           "gpt-oss-120b": (128, 4, 36), "minimax-m2": (256, 8, 62)}  # experts per layer, top-k, MoE layers
+           "gpt-oss-120b": (128, 4, 36), "minimax-m2": (256, 8, 62),
+           "qwen3-next-80b-a3b": (512, 10, 48)}  # experts per layer, top-k, MoE layers
 
 
 def random_source(tokens=400, layers=8, experts=32, k=4, seed=0) -> RoutingSource:
@@ -50,7 +55,9 @@ def test_replay_mapping_gives_k_distinct_target_experts(name):
     assert mapped.min() >= 0 and mapped.max() < e_t
     distinct = np.array([[len(set(row.tolist())) for row in token] for token in mapped])
     assert (distinct == k_t).all()
-    reach = map_routing(src.expert_ids, src.num_experts, e_t, k_t, l_t)  # all 400 tokens: enough picks at top-4 of 128
+    # enough picks to reach every expert: 400 tokens at top-4 of 128, 4x as many for 512 experts (Qwen3-Next)
+    wide = src if e_t <= 128 else random_source(tokens=400 * e_t // 128)
+    reach = map_routing(wide.expert_ids, wide.num_experts, e_t, k_t, l_t)
     assert len(np.unique(reach[:, 0])) == e_t  # every target expert reachable
     # identical source tokens map identically (reuse is preserved)
     again = map_routing(src.expert_ids[:1].repeat(2, 0), src.num_experts, e_t, k_t, l_t)
