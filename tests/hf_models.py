@@ -97,3 +97,17 @@ def build_hf_checkpoint(family: str, directory: Path, seed: int = 0, **overrides
     directory = Path(directory)
     model.save_pretrained(directory, max_shard_size="40KB")
     return directory
+
+
+def assert_config_refused(hf: dict, words) -> None:
+    """Converting config.json `hf` stops with one JaxmoeError line that starts with config.json and names
+    every one of `words`."""
+    import pytest
+
+    from convert.converter import model_config_from_hf
+    from jaxmoe.errors import JaxmoeError
+
+    with pytest.raises(JaxmoeError) as err:
+        model_config_from_hf(hf, None)
+    message = str(err.value)
+    assert message.startswith("config.json") and "\n" not in message and all(w in message for w in words), message
