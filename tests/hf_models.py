@@ -111,3 +111,17 @@ def assert_config_refused(hf: dict, words) -> None:
         model_config_from_hf(hf, None)
     message = str(err.value)
     assert message.startswith("config.json") and "\n" not in message and all(w in message for w in words), message
+
+
+def add_tensors(hf_dir: Path, tensors: dict, file_name: str = "extra.safetensors") -> None:
+    """Adds `tensors` (name -> torch tensor) to the sharded checkpoint `hf_dir` as one more shard, listed in its
+    index (e.g. the multi-token-prediction tensors the Hub's checkpoints carry and the converter must skip)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(hf_dir / file_name))
+    index_path = hf_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update({key: file_name for key in tensors})
+    index_path.write_text(json.dumps(index))

@@ -18,7 +18,7 @@ from convert.converter import convert, model_config_from_hf
 from jaxmoe.checkpoint import load_resident
 from jaxmoe.mla import mla_softmax_scale
 from jaxmoe.rope import yarn_mscale
-from tests.hf_models import assert_config_refused, build_hf_checkpoint
+from tests.hf_models import add_tensors, assert_config_refused, build_hf_checkpoint
 
 FAMILIES = ["deepseek_v2", "deepseek_v3", "glm4_moe_lite"]  # glm4_moe_lite: GLM-4.7-Flash, V3's architecture
 
@@ -234,15 +234,10 @@ def test_v3_mtp_layers_skipped_and_selection_bias_kept_in_float32(tmp_path):
     import json
 
     import torch
-    from safetensors.torch import save_file
 
     hf_dir = build_hf_checkpoint("deepseek_v3", tmp_path / "hf")
-    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
     num_layers = json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"]
-    mtp_key = f"model.layers.{num_layers}.eh_proj.weight"  # a multi-token-prediction layer, as V3 ships
-    save_file({mtp_key: torch.zeros(4, 4)}, str(hf_dir / "mtp.safetensors"))
-    index["weight_map"][mtp_key] = "mtp.safetensors"
-    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    add_tensors(hf_dir, {f"model.layers.{num_layers}.eh_proj.weight": torch.zeros(4, 4)})  # an MTP layer, as V3 ships
     convert(hf_dir, tmp_path / "out", dtype="bfloat16", progress=False)
     cfg, _, state = load_resident(tmp_path / "out")
     moe = state.to_pure_dict()["layers"][cfg.moe_layer_ids[0]]["moe"]

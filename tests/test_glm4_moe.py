@@ -10,7 +10,7 @@ import pytest
 import jaxmoe
 from convert.converter import convert, model_config_from_hf
 from jaxmoe.errors import JaxmoeError
-from tests.hf_models import assert_config_refused, build_hf_checkpoint
+from tests.hf_models import add_tensors, assert_config_refused, build_hf_checkpoint
 
 # GLM-4.5-Air's config.json as the Hub ships it (top-level partial_rotary_factor, rope_scaling null), sizes shrunk
 HUB_AIR = dict(
@@ -65,16 +65,11 @@ def test_unsupported_options_are_refused(change, words):
 
 def test_mtp_layers_skipped(tmp_path):
     import torch
-    from safetensors.torch import save_file
 
     hf_dir = build_hf_checkpoint("glm4_moe", tmp_path / "hf")
-    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
     num_layers = json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"]
-    mtp = {f"model.layers.{num_layers}.eh_proj.weight": torch.zeros(4, 4),  # GLM-4.5's MTP layer, as it ships
-           f"model.layers.{num_layers}.mlp.experts.0.up_proj.weight": torch.zeros(4, 4)}
-    save_file(mtp, str(hf_dir / "mtp.safetensors"))
-    index["weight_map"].update({key: "mtp.safetensors" for key in mtp})
-    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    add_tensors(hf_dir, {f"model.layers.{num_layers}.eh_proj.weight": torch.zeros(4, 4),  # GLM-4.5's MTP layer
+                         f"model.layers.{num_layers}.mlp.experts.0.up_proj.weight": torch.zeros(4, 4)})
     cfg = convert(hf_dir, tmp_path / "out", progress=False)
     assert cfg.num_layers == num_layers and cfg.rotary_dim == 6
 

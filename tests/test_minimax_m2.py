@@ -9,7 +9,7 @@ import pytest
 
 import jaxmoe
 from convert.converter import convert, model_config_from_hf
-from tests.hf_models import assert_config_refused, build_hf_checkpoint
+from tests.hf_models import add_tensors, assert_config_refused, build_hf_checkpoint
 
 # MiniMaxAI/MiniMax-M2's config.json as the Hub ships it, sizes shrunk (62 layers -> 4, 256 experts -> 16, ...);
 # its quantization_config (fp8) is HUB_FP8 below (a whole FP8 model converts in test_fp8.py)
@@ -72,15 +72,11 @@ def test_unsupported_options_are_refused(change, words):
 
 def test_mtp_layers_skipped(tmp_path):
     import torch
-    from safetensors.torch import save_file
 
     hf_dir = build_hf_checkpoint("minimax_m2", tmp_path / "hf")
-    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
     num_layers = json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"]
-    mtp = {f"model.layers.{num_layers + i}.block_sparse_moe.experts.0.w1.weight": torch.zeros(4, 4) for i in range(3)}
-    save_file(mtp, str(hf_dir / "mtp.safetensors"))
-    index["weight_map"].update({key: "mtp.safetensors" for key in mtp})
-    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    add_tensors(hf_dir, {f"model.layers.{num_layers + i}.block_sparse_moe.experts.0.w1.weight": torch.zeros(4, 4)
+                         for i in range(3)})
     cfg = convert(hf_dir, tmp_path / "out", progress=False)
     assert cfg.num_layers == num_layers and cfg.rotary_dim == 4 and cfg.router_bias
 

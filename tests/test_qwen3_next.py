@@ -4,7 +4,6 @@ redo after a miss, chunked prefill) equal to the resident one, token for token.
 Logits, cached decode and greedy generation against transformers are in test_parity.py (the tiny model is
 in tests/hf_models.py: 3 Gated DeltaNet layers, 1 gated attention layer)."""
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ import jaxmoe
 from convert.converter import convert, model_config_from_hf
 from jaxmoe.attention import padded_positions
 from jaxmoe.checkpoint import load_resident
-from tests.hf_models import assert_config_refused, build_hf_checkpoint
+from tests.hf_models import add_tensors, assert_config_refused, build_hf_checkpoint
 
 # Qwen/Qwen3-Next-80B-A3B-Instruct's config.json as the Hub ships it (no layer_types: full_attention_interval),
 # sizes shrunk (48 layers, d 2048, 512 experts top-10 in the release)
@@ -78,15 +77,10 @@ def test_unsupported_options_are_refused(change, words):
 
 def test_mtp_tensors_skipped(tmp_path):
     import torch
-    from safetensors.torch import save_file
 
     hf_dir = build_hf_checkpoint("qwen3_next", tmp_path / "hf")
-    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
-    mtp = {"mtp.fc.weight": torch.zeros(4, 8), "mtp.norm.weight": torch.zeros(4),  # as the Hub ships them
-           "mtp.layers.0.mlp.experts.0.up_proj.weight": torch.zeros(4, 4)}
-    save_file(mtp, str(hf_dir / "mtp.safetensors"))
-    index["weight_map"].update({key: "mtp.safetensors" for key in mtp})
-    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    add_tensors(hf_dir, {"mtp.fc.weight": torch.zeros(4, 8), "mtp.norm.weight": torch.zeros(4),  # as the Hub ships them
+                         "mtp.layers.0.mlp.experts.0.up_proj.weight": torch.zeros(4, 4)})
     cfg = convert(hf_dir, tmp_path / "out", progress=False)
     assert cfg.linear_layers == (True, False, True, True)
 
