@@ -133,7 +133,8 @@ def plan_conversion(cfg: ModelConfig, source: SafetensorsSource):
         rows = sorted(p.expert for _, p in entries) if per_expert else None
         by_columns = bool(entries) and entries[0][1].rule.into is not None
         if by_columns:
-            complete = _columns_filled(entries) == list(range(struct.shape[-1]))
+            complete = (all(p.rule.into is not None for _, p in entries)
+                        and _columns_filled(entries) == list(range(struct.shape[-1])))
         else:
             complete = bool(entries) and (rows == list(range(struct.shape[0])) if per_expert else len(entries) == 1)
         if not complete:
