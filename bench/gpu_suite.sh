@@ -2,7 +2,7 @@
 # The GPU measurements issue 7 still owes, in priority order, sized for a lent device (the `run` tool:
 # at most 10 minutes per command, 30 minutes per session). Run one step per call, from the repo root:
 #
-#     bash bench/gpu_suite.sh STEP        STEP = 1 .. 12
+#     bash bench/gpu_suite.sh STEP        STEP = 1 .. 14
 #
 # Results land in $OUT/results/<device>/ (default: /tmp/jaxmoe-gpu-suite), ready to copy into
 # bench/results/<device>/; re-draw plots here with `python -m bench sizes --plot-only FILE.json`.
@@ -35,9 +35,11 @@
 #      that fit host memory): 10% and 25% cache, on-demand / presched / oracle
 #   13 Qwen3-Next-80B-A3B (155 GB of experts, 6.3 MB each, top-10 of 512 in 48 layers; 36 Gated DeltaNet
 #      layers): 10% and 25% cache, on-demand / presched / oracle
+#   14 Qwen3.5-35B-A3B's language model (64 GB of experts, 6.3 MB each, top-8 of 256 in 40 layers; 30 Gated
+#      DeltaNet layers): 10% and 25% cache, on-demand / presched / oracle
 # SMOKE=1 shrinks every step to seconds (CPU check of the commands themselves).
 set -euo pipefail
-step="${1:?usage: bash bench/gpu_suite.sh STEP (1-13)}"
+step="${1:?usage: bash bench/gpu_suite.sh STEP (1-14)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 device="$(python -c 'from bench.policies import device_name; print(device_name())' 2>/dev/null)"
 out="${OUT:-/tmp/jaxmoe-gpu-suite}/results/$device"
@@ -77,6 +79,7 @@ case "$step" in
     ;;
   12) sizes --shape minimax-m2 --cache 0.1,0.25 "${three[@]}" --skip-resident ;;
   13) sizes --shape qwen3-next-80b-a3b --cache 0.1,0.25 "${three[@]}" --skip-resident ;;
-  *) echo "error: bench/gpu_suite.sh: unknown step '$step' (1-13)" >&2; exit 2 ;;
+  14) sizes --shape qwen3.5-35b-a3b --cache 0.1,0.25 "${three[@]}" --skip-resident ;;
+  *) echo "error: bench/gpu_suite.sh: unknown step '$step' (1-14)" >&2; exit 2 ;;
 esac
 ls -l "$out"

@@ -144,6 +144,25 @@ SHAPES: dict[str, dict] = {
         rope_theta=10000000, rope_scaling=None, attention_bias=False, hidden_act="silu", tie_word_embeddings=False,
         bos_token_id=151643, eos_token_id=151645,
     ),
+    # Qwen/Qwen3.5-35B-A3B's language model (the release's config.json nests it under text_config beside a vision
+    # tower; here flat, as the text-only Qwen3_5MoeForCausalLM's config, same adapter): transformers'
+    # Qwen3_5MoeTextConfig defaults, which are this release's sizes. 40 layers, every 4th full attention (16 heads /
+    # 2 KV heads of head_dim 256 with an output gate, per-head q/k norm, RoPE over a quarter of each head), the
+    # other 30 Gated DeltaNet (16 key / 32 value heads of width 128, conv width 4); d=2048; 256 experts top-8 of
+    # moe_intermediate 512 in every layer plus a gated shared expert of 512; vocab 248320. 34.66B parameters
+    # without the vision tower and the multi-token-prediction module (the model card: 35B total, 3B active);
+    # one expert = 3*2048*512*2 B = 6.3 MB; all routed experts 64.4 GB. rope_theta is not in transformers' defaults
+    # (1e7 as Qwen3-Next; it changes no shape), nor are the special token ids (left out).
+    "qwen3.5-35b-a3b": dict(
+        model_type="qwen3_5_moe_text", vocab_size=248320, hidden_size=2048, moe_intermediate_size=512,
+        shared_expert_intermediate_size=512, num_hidden_layers=40, num_attention_heads=16, num_key_value_heads=2,
+        head_dim=256, partial_rotary_factor=0.25, full_attention_interval=4, linear_conv_kernel_dim=4,
+        linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
+        num_experts=256, num_experts_per_tok=8, max_position_embeddings=262144, rms_norm_eps=1e-6,
+        rope_parameters=dict(rope_type="default", rope_theta=10000000, mrope_section=[11, 11, 10],
+                             mrope_interleaved=True),
+        attention_bias=False, hidden_act="silu", tie_word_embeddings=False,
+    ),
 }
 
 SHAPE_NAMES = tuple(SHAPES)

@@ -123,17 +123,29 @@ def plan_conversion(cfg: ModelConfig, source: SafetensorsSource):
                 if not 0 <= placement.expert < want[0]:
                     raise JaxmoeError(f"{source.file_of[key]}: tensor {key}: expert index {placement.expert} >= {want[0]} experts")
                 want = want[1:]
-            if placement.shape_from(source.shape_of[key]) != tuple(want):
+            if placement.shape_from(source.shape_of[key]) != placement.filled_shape(want):
                 raise JaxmoeError(f"{source.file_of[key]}: tensor {key} has shape {list(source.shape_of[key])}, "
-                                  f"expected {_hf_shape(placement, tuple(want))}")
+                                  f"expected {_hf_shape(placement, placement.filled_shape(want))}")
             plan[placement.path].append((key, placement))
     for path, struct in expected.items():
         entries = plan.get(path, [])
         per_expert = bool(entries) and entries[0][1].expert is not None
         rows = sorted(p.expert for _, p in entries) if per_expert else None
-        if not entries or (per_expert and rows != list(range(struct.shape[0]))) or (not per_expert and len(entries) > 1):
+        by_columns = bool(entries) and entries[0][1].rule.into is not None
+        if by_columns:
+            complete = (all(p.rule.into is not None for _, p in entries)
+                        and _columns_filled(entries) == list(range(struct.shape[-1])))
+        else:
+            complete = bool(entries) and (rows == list(range(struct.shape[0])) if per_expert else len(entries) == 1)
+        if not complete:
             raise JaxmoeError(_missing_message(cfg, rules, path, struct, entries, source))
     return plan, {path: np.dtype(struct.dtype) for path, struct in expected.items()}
+
+
+def _columns_filled(entries) -> list[int]:
+    """The target columns the `KeyRule.into` placements of one parameter fill, sorted (a column filled twice
+    appears twice)."""
+    return sorted(c for _, p in entries for c in (p.rule.into or ()))
 
 
 def _hf_shape(placement: Placement, want: tuple) -> list:
@@ -144,12 +156,15 @@ def _hf_shape(placement: Placement, want: tuple) -> list:
 
 
 def _missing_message(cfg, rules, path, struct, entries, source) -> str:
-    if len(entries) > 1 and entries[0][1].expert is None:
+    layer = path[1] if path[0] == "layers" else None
+    by_columns = bool(entries) and entries[0][1].rule.into is not None
+    if len(entries) > 1 and entries[0][1].expert is None and (not by_columns or len(set(_columns_filled(entries)))
+                                                               < len(_columns_filled(entries))):
         return f"{source.hf_dir}: parameter {_dotted(path)} filled by several tensors: {[k for k, _ in entries]}"
     have = {p.expert for _, p in entries}
-    layer = path[1] if path[0] == "layers" else None
+    present = {p.rule for _, p in entries} if by_columns else set()
     for rule in rules:
-        if rule.target.format(layer=layer) == _dotted(path):
+        if rule.target.format(layer=layer) == _dotted(path) and rule not in present:
             if rule.per_expert:
                 missing = [e for e in range(struct.shape[0]) if e not in have]
                 return f"{source.hf_dir}: missing tensor {rule.hf.format(layer=layer, expert=missing[0])}"
@@ -186,7 +201,9 @@ def _read_piece(source, plan, paths, dtypes) -> dict:
     for path in paths:
         entries = plan[path]
         np_dtype = dtypes[path]
-        if entries[0][1].expert is None:
+        if entries[0][1].rule.into is not None:
+            value = _assembled_by_columns(entries, read, np_dtype)
+        elif entries[0][1].expert is None:
             key, placement = entries[0]
             value = np.ascontiguousarray(placement.take(read(key))).astype(np_dtype)
         else:
@@ -199,6 +216,17 @@ def _read_piece(source, plan, paths, dtypes) -> dict:
             node = node.setdefault(p, {})
         node[path[-1]] = value
     return tree
+
+
+def _assembled_by_columns(entries, read, np_dtype) -> np.ndarray:
+    """One parameter from several tensors, each filling the last-axis columns its `KeyRule.into` names
+    (plan_conversion checked they fill every column once): [..., sum of len(into)] of np_dtype."""
+    parts = [(placement.rule.into, placement.take(read(key))) for key, placement in entries]
+    width = sum(len(into) for into, _ in parts)
+    value = np.empty((*parts[0][1].shape[:-1], width), np_dtype)
+    for into, part in parts:
+        value[..., list(into)] = part
+    return value
 
 
 def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, force: bool = False, progress: bool = True) -> ModelConfig:

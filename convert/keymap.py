@@ -5,8 +5,11 @@ A `KeyRule` pairs an HF key template with a target path template, e.g.
 `{layer}` and `{expert}` are integer placeholders; a rule whose HF template has `{expert}` fills one
 row of the stacked expert tensor at the target path. A rule with `columns=(start, step)` takes only the
 last-axis slice `[..., start::step]` of the tensor, so several rules can split one fused HF tensor
-(GPT-OSS's interleaved `gate_up_proj`). Templates also give the exact HF key to name when a tensor is
-missing.
+(GPT-OSS's interleaved `gate_up_proj`). A rule with `into=(c0, c1, ...)` is the other way round: its tensor
+fills only the target's last-axis columns c0, c1, ... (its column j goes to column c_j), so several tensors fill
+one parameter between them (Qwen3.5's separate `in_proj_qkv` / `in_proj_z` laid out per key head in our fused
+`in_proj_qkvz`); the converter checks they fill every column exactly once. Templates also give the exact HF key
+to name when a tensor is missing.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ class KeyRule:
     target: str  # dotted target path template with optional {layer}
     transpose: bool = False  # torch Linear [out, in] -> our [in, out]
     columns: tuple[int, int] | None = None  # (start, step): the last-axis slice taken, after any transpose
+    into: tuple[int, ...] | None = None  # the target's last-axis columns this tensor fills (None: all of them)
     regex: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -48,6 +52,12 @@ class Placement:
             start, step = self.rule.columns
             shape = (*shape[:-1], len(range(start, shape[-1], step)))
         return shape
+
+    def filled_shape(self, target_shape: tuple) -> tuple:
+        """The part of a target of shape `target_shape` this placement fills (`KeyRule.into` columns or all)."""
+        if self.rule.into is None:
+            return tuple(target_shape)
+        return (*target_shape[:-1], len(self.rule.into))
 
     def take(self, tensor):
         """The part of HF tensor `tensor` (numpy) this placement fills, transposed and sliced."""

@@ -63,18 +63,47 @@ FAMILY_CONFIGS = {
                        mlp_only_layers=[2], linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
                        linear_value_head_dim=6, linear_conv_kernel_dim=4,
                        layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"]),
+    # Qwen3.5-MoE: the multimodal model as the Hub ships it (text_config, a 1-block vision tower, keys
+    # model.language_model.* and model.visual.*); the text model as Qwen3-Next's above but every layer MoE,
+    # the Gated DeltaNet projections separate, multimodal RoPE (rotating half of each head)
+    "qwen3_5_moe": dict(num_hidden_layers=4, head_dim=12, num_experts=6, moe_intermediate_size=16,
+                        shared_expert_intermediate_size=24, linear_num_key_heads=2, linear_num_value_heads=4,
+                        linear_key_head_dim=8, linear_value_head_dim=6, linear_conv_kernel_dim=4,
+                        layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+                        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                             mrope_section=[1, 1, 1], mrope_interleaved=True)),
 }
+# families whose config.json nests the language model under text_config beside a vision tower (built with the
+# multimodal class, so the checkpoint has the Hub's keys); COMMON's fields the text configs do not take are dropped
+MULTIMODAL = {"qwen3_5_moe": dict(vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
+                                                     out_hidden_size=32, num_position_embeddings=16, patch_size=4))}
+NOT_TEXT_FIELDS = ("intermediate_size",)
 
 FAMILIES = tuple(FAMILY_CONFIGS)
 
 
+def hf_config(family: str, **overrides):
+    from transformers import AutoConfig
+
+    fields = {**COMMON, **FAMILY_CONFIGS[family], **overrides}
+    if family not in MULTIMODAL:
+        return AutoConfig.for_model(family, **fields)
+    text = {k: v for k, v in fields.items() if k not in NOT_TEXT_FIELDS}
+    return AutoConfig.for_model(family, text_config=text, tie_word_embeddings=text["tie_word_embeddings"],
+                                **MULTIMODAL[family])
+
+
+def model_class(family: str):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if family in MULTIMODAL else AutoModelForCausalLM
+
+
 def build_hf_model(family: str, seed: int = 0, **overrides):
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(family, **{**COMMON, **FAMILY_CONFIGS[family], **overrides})
-    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    model = model_class(family).from_config(hf_config(family, **overrides)).float().eval()
     with torch.no_grad():  # random init is too flat to exercise routing: widen the weights a bit
         for name, p in model.named_parameters():
             if p.ndim >= 2:

@@ -20,11 +20,15 @@ PUBLIC_PARAMS = {"mixtral-8x7b": 46_702_792_704, "qwen3-30b-a3b": 30_532_122_624
                  # Qwen3-Next-80B-A3B without its multi-token-prediction module, counted by hand from config.json:
                  # embeddings 2 * 151936 * 2048, 48 MoE blocks of 1,614,809,088 (512 experts, router, gated shared
                  # expert), 12 gated attention blocks of 27,263,488, 36 Gated DeltaNet blocks of 33,718,464, norms
-                 "qwen3-next-80b-a3b": 79_674_391_296}
+                 "qwen3-next-80b-a3b": 79_674_391_296,
+                 # Qwen3.5-35B-A3B's language model (no vision tower, no multi-token prediction), by hand: embeddings
+                 # 2 * 248320 * 2048, 40 MoE blocks of 808,978,432 (256 experts, router, gated shared expert),
+                 # 10 gated attention blocks of 27,263,488, 30 Gated DeltaNet blocks of 33,718,464, norms
+                 "qwen3.5-35b-a3b": 34_660_610_688}
 EXPERTS = {"mixtral-8x7b": (8, 2, 32), "qwen3-30b-a3b": (128, 8, 48), "deepseek-v2-lite": (64, 6, 26),
            "olmoe-1b-7b": (64, 8, 16), "glm-4.5-air": (128, 8, 45), "gpt-oss-20b": (32, 4, 24),
            "gpt-oss-120b": (128, 4, 36), "minimax-m2": (256, 8, 62),
-           "qwen3-next-80b-a3b": (512, 10, 48)}  # experts per layer, top-k, MoE layers
+           "qwen3-next-80b-a3b": (512, 10, 48), "qwen3.5-35b-a3b": (256, 8, 40)}  # experts per layer, top-k, MoE layers
 
 
 def random_source(tokens=400, layers=8, experts=32, k=4, seed=0) -> RoutingSource:

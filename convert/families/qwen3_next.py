@@ -36,23 +36,23 @@ def _get(hf: dict, key: str):
     return DEFAULTS[key] if value is None else value
 
 
-def linear_layer_flags(hf: dict, num_layers: int) -> tuple[bool, ...]:
+def linear_layer_flags(hf: dict, num_layers: int, family: str = MODEL_TYPE) -> tuple[bool, ...]:
     """Per layer: Gated DeltaNet (True) or full attention, from `layer_types` or `full_attention_interval`."""
     types = hf.get("layer_types")
     if types is None:
         interval = int(_get(hf, "full_attention_interval"))
         if interval < 1:
-            raise JaxmoeError(f"config.json: {MODEL_TYPE} full_attention_interval {interval} must be >= 1")
+            raise JaxmoeError(f"config.json: {family} full_attention_interval {interval} must be >= 1")
         return tuple((i + 1) % interval != 0 for i in range(num_layers))
     if len(types) != num_layers:
-        raise JaxmoeError(f"config.json: {MODEL_TYPE} layer_types has {len(types)} entries, num_hidden_layers is {num_layers}")
+        raise JaxmoeError(f"config.json: {family} layer_types has {len(types)} entries, num_hidden_layers is {num_layers}")
     unknown = sorted(set(types) - set(LAYER_TYPES))
     if unknown:
-        raise JaxmoeError(f"config.json: {MODEL_TYPE} layer_types {unknown} not supported; expected {', '.join(LAYER_TYPES)}")
+        raise JaxmoeError(f"config.json: {family} layer_types {unknown} not supported; expected {', '.join(LAYER_TYPES)}")
     return tuple(t == "linear_attention" for t in types)
 
 
-def _linear_fields(hf: dict) -> dict:
+def linear_fields(hf: dict, family: str = MODEL_TYPE) -> dict:
     fields = dict(
         linear_num_key_heads=int(_get(hf, "linear_num_key_heads")),
         linear_num_value_heads=int(_get(hf, "linear_num_value_heads")),
@@ -61,38 +61,44 @@ def _linear_fields(hf: dict) -> dict:
         linear_conv_kernel=int(_get(hf, "linear_conv_kernel_dim")),
     )
     if fields["linear_num_key_heads"] < 1 or fields["linear_num_value_heads"] % fields["linear_num_key_heads"]:
-        raise JaxmoeError(f"config.json: {MODEL_TYPE} linear_num_value_heads {fields['linear_num_value_heads']} is not a "
+        raise JaxmoeError(f"config.json: {family} linear_num_value_heads {fields['linear_num_value_heads']} is not a "
                           f"multiple of linear_num_key_heads {fields['linear_num_key_heads']}")
     if fields["linear_conv_kernel"] < 1:
-        raise JaxmoeError(f"config.json: {MODEL_TYPE} linear_conv_kernel_dim {fields['linear_conv_kernel']} must be >= 1")
+        raise JaxmoeError(f"config.json: {family} linear_conv_kernel_dim {fields['linear_conv_kernel']} must be >= 1")
     return fields
 
 
 def config_from_hf(hf: dict, dtype: str) -> ModelConfig:
     refuse_quantized(hf)
-    fields = common_fields(hf, MODEL_TYPE, dtype)
-    fields["head_dim"] = int(_get(hf, "head_dim"))
-    num_layers = fields["num_layers"]
-    shared = int(_get(hf, "shared_expert_intermediate_size"))
-    if shared < 1:
-        raise JaxmoeError(f"config.json: {MODEL_TYPE} shared_expert_intermediate_size {shared} must be > 0")
-    num_experts = int(require(hf, "num_experts", MODEL_TYPE))
-    if num_experts < 1:
-        raise JaxmoeError(f"config.json: {MODEL_TYPE} num_experts {num_experts} must be > 0 (a model without experts)")
-    bias = bool(hf.get("attention_bias", False))
+    fields = hybrid_fields(hf, MODEL_TYPE, dtype)
     fields.update(
-        moe_layers=sparse_layer_flags(hf, num_layers),
-        num_experts=num_experts,
-        num_experts_per_tok=int(require(hf, "num_experts_per_tok", MODEL_TYPE)),
-        moe_intermediate_size=int(require(hf, "moe_intermediate_size", MODEL_TYPE)),
+        moe_layers=sparse_layer_flags(hf, fields["num_layers"]),
         dense_intermediate_size=int(_get(hf, "intermediate_size")),
         norm_topk_prob=bool(_get(hf, "norm_topk_prob")),
     )
-    return ModelConfig(
-        **fields,
-        **_linear_fields(hf),
-        linear_layers=linear_layer_flags(hf, num_layers),
-        rotary_dim=partial_rotary_dim(hf, fields["head_dim"], MODEL_TYPE, DEFAULTS["partial_rotary_factor"]),
+    return ModelConfig(**fields)
+
+
+def hybrid_fields(hf: dict, family: str, dtype: str) -> dict:
+    """ModelConfig fields Qwen3-Next and Qwen3.5-MoE read alike: Gated DeltaNet and gated attention layers, routed
+    experts with a gated shared expert, zero-centered norms (all but which layers are MoE and top-k renormalizing)."""
+    fields = common_fields(hf, family, dtype)
+    fields["head_dim"] = int(_get(hf, "head_dim"))
+    shared = int(_get(hf, "shared_expert_intermediate_size"))
+    if shared < 1:
+        raise JaxmoeError(f"config.json: {family} shared_expert_intermediate_size {shared} must be > 0")
+    num_experts = int(require(hf, "num_experts", family))
+    if num_experts < 1:
+        raise JaxmoeError(f"config.json: {family} num_experts {num_experts} must be > 0 (a model without experts)")
+    bias = bool(hf.get("attention_bias", False))
+    return dict(
+        fields,
+        num_experts=num_experts,
+        num_experts_per_tok=int(require(hf, "num_experts_per_tok", family)),
+        moe_intermediate_size=int(require(hf, "moe_intermediate_size", family)),
+        **linear_fields(hf, family),
+        linear_layers=linear_layer_flags(hf, fields["num_layers"], family),
+        rotary_dim=partial_rotary_dim(hf, fields["head_dim"], family, DEFAULTS["partial_rotary_factor"]),
         qk_norm="head",
         attention_output_gate=True,
         attention_bias=bias,
@@ -115,15 +121,21 @@ def linear_attention_rules() -> list[KeyRule]:
     ]
 
 
-def key_rules(cfg: ModelConfig) -> list[KeyRule]:
+def shared_moe_rules() -> list[KeyRule]:
+    """Router, per-expert weights, shared expert and its sigmoid gate under `model.layers.{layer}.mlp`."""
     mlp = "model.layers.{layer}.mlp"
-    rules = global_rules(cfg.tie_word_embeddings) + layer_norm_rules()
-    rules += gqa_rules(cfg.attention_bias, cfg.attention_out_bias, qk_norm=True) + linear_attention_rules()
-    rules += router_rules(f"{mlp}.gate") + expert_rules(f"{mlp}.experts")
+    rules = router_rules(f"{mlp}.gate") + expert_rules(f"{mlp}.experts")
     rules += mlp_rules(f"{mlp}.shared_expert", "layers.{layer}.moe.shared")
     rules.append(KeyRule(f"{mlp}.shared_expert_gate.weight", "layers.{layer}.moe.shared_gate", transpose=True))
+    return rules
+
+
+def key_rules(cfg: ModelConfig) -> list[KeyRule]:
+    rules = global_rules(cfg.tie_word_embeddings) + layer_norm_rules()
+    rules += gqa_rules(cfg.attention_bias, cfg.attention_out_bias, qk_norm=True) + linear_attention_rules()
+    rules += shared_moe_rules()
     if not all(cfg.moe_layers):
-        rules += mlp_rules(mlp, "layers.{layer}.mlp")
+        rules += mlp_rules("model.layers.{layer}.mlp", "layers.{layer}.mlp")
     return rules
 
 
