@@ -24,7 +24,7 @@ from tqdm import tqdm
 from convert.families import FAMILIES
 from convert.families.common import quant_method
 from convert.fp8 import Fp8Source, block_size_of, refuse_undeclared_fp8
-from convert.keymap import Placement, place
+from convert.keymap import Placement, place, swap_last_two
 from convert.mxfp4 import Mxfp4Source
 from convert.source import SafetensorsSource
 from jaxmoe.checkpoint import WEIGHTS_DIR, abstract_model, pieces_of_layer, save_piece
@@ -152,7 +152,9 @@ def _hf_shape(placement: Placement, want: tuple) -> list:
     """The HF tensor shape that would fill `want` through `placement` (for error messages)."""
     if placement.rule.columns is not None:
         want = (*want[:-1], want[-1] * placement.rule.columns[1])
-    return list(want[::-1]) if placement.transpose else list(want)
+    if placement.rule.chunk is not None:
+        want = (*want[:-1], want[-1] * placement.rule.chunk[1])
+    return list(swap_last_two(want)) if placement.transpose else list(want)
 
 
 def _missing_message(cfg, rules, path, struct, entries, source) -> str:

@@ -13,6 +13,7 @@ import jaxmoe
 from convert.converter import convert, model_config_from_hf
 from jaxmoe.checkpoint import load_resident
 from jaxmoe.errors import JaxmoeError
+from tests.hf_models import add_tensors, assert_config_refused
 
 # Qwen/Qwen3.5-35B-A3B's config.json as the Hub ships it, sizes shrunk (in the release: 40 layers, d 2048,
 # 16 attention heads of 256 with 2 KV heads, Gated DeltaNet 16 key / 32 value heads of 128, 256 experts top-8
@@ -82,11 +83,7 @@ def test_hub_style_config():
     (with_text(rope_parameters=dict(rope_type="mrope_unknown", rope_theta=1e7)), ["rope", "mrope_unknown"]),
 ])
 def test_unsupported_options_are_refused(config, words):
-    with pytest.raises(JaxmoeError) as err:
-        model_config_from_hf(config, None)
-    message = str(err.value)
-    assert message.startswith("config.json") and all(w in message for w in words), message
-    assert "\n" not in message
+    assert_config_refused(config, words)
 
 
 def _copy(hf_dir, directory):
@@ -94,15 +91,6 @@ def _copy(hf_dir, directory):
     for f in hf_dir.iterdir():
         (directory / f.name).write_bytes(f.read_bytes())
     return directory
-
-
-def _add_tensors(hf_dir, tensors: dict, shard: str):
-    from safetensors.torch import save_file
-
-    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
-    save_file(tensors, str(hf_dir / shard))
-    index["weight_map"].update({key: shard for key in tensors})
-    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
 def _drop_tensor(hf_dir, key: str):
@@ -124,11 +112,11 @@ def test_vision_and_mtp_tensors_skipped(tmp_path, converted_model):
     assert any(k.startswith("model.visual.") for k in index["weight_map"])  # the tiny checkpoint has a vision tower
     assert all(k.startswith(("model.visual.", "model.language_model.", "lm_head.")) for k in index["weight_map"])
     copy = _copy(hf_dir, tmp_path / "hf")
-    _add_tensors(copy, {"mtp.fc.weight": torch.zeros(4, 8), "mtp.norm.weight": torch.zeros(4),  # as the Hub ships them
-                        "mtp.layers.0.mlp.experts.0.up_proj.weight": torch.zeros(4, 4)}, "mtp.safetensors")
+    add_tensors(copy, {"mtp.fc.weight": torch.zeros(4, 8), "mtp.norm.weight": torch.zeros(4),  # as the Hub ships them
+                       "mtp.layers.0.mlp.experts.0.up_proj.weight": torch.zeros(4, 4)}, "mtp.safetensors")
     assert convert(copy, tmp_path / "out", progress=False).linear_layers == (True, False, True, True)
     # the skipped prefixes are exactly those: another unknown text tensor is still refused
-    _add_tensors(copy, {"model.language_model.layers.0.linear_attn.extra.weight": torch.zeros(4)}, "extra.safetensors")
+    add_tensors(copy, {"model.language_model.layers.0.linear_attn.extra.weight": torch.zeros(4)})
     with pytest.raises(JaxmoeError, match="unused tensor model.language_model.layers.0.linear_attn.extra.weight"):
         convert(copy, tmp_path / "out2", progress=False)
 
@@ -214,3 +202,37 @@ def test_offloaded_equals_resident(converted_model, expected, slots, policy, spe
             assert result.stats["speculated_tokens"] == NEW_TOKENS - 1
     if speculate == "on" and slots < 24:
         assert redone > 0  # the redo path (states kept from before the token) ran
+
+
+def test_hub_stacked_experts_convert_to_the_same_model(tmp_path, converted_model):
+    """The Hub's checkpoints hold each layer's routed experts as one `experts.gate_up_proj` [E, 2f, d] and one
+    `experts.down_proj` [E, d, f], transformers' own parameters (save_pretrained splits them per expert). Written
+    from transformers' state dict as they are: the same parameters, bit for bit, as the per-expert checkpoint."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.hf_models import build_hf_model
+
+    hf_dir, model_dir = converted_model("qwen3_5_moe")
+    state = build_hf_model("qwen3_5_moe").state_dict()  # the same seed as the converted_model fixture's checkpoint
+    stacked = {k: v.contiguous() for k, v in state.items() if not k.startswith("model.visual.")}
+    assert stacked["model.language_model.layers.0.mlp.experts.gate_up_proj"].dim() == 3
+    assert not any(".experts.0." in k for k in stacked)
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file(stacked, str(hub / "model.safetensors"))
+    (hub / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
+    convert(hub, tmp_path / "out", progress=False)
+    ours, theirs = _leaves(model_dir), _leaves(tmp_path / "out")
+    assert ours.keys() == theirs.keys()
+    for path in ours:
+        np.testing.assert_array_equal(ours[path], theirs[path], err_msg=path)
+    # gate and up are the two halves of each expert's rows: swapped, the weights differ
+    swapped = dict(stacked)
+    gate_up = stacked["model.language_model.layers.0.mlp.experts.gate_up_proj"]
+    swapped["model.language_model.layers.0.mlp.experts.gate_up_proj"] = torch.cat(gate_up.chunk(2, dim=1)[::-1], 1)
+    (tmp_path / "swapped").mkdir()
+    save_file(swapped, str(tmp_path / "swapped" / "model.safetensors"))
+    (tmp_path / "swapped" / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
+    convert(tmp_path / "swapped", tmp_path / "out-swapped", progress=False)
+    assert any((_leaves(tmp_path / "out-swapped")[p] != ours[p]).any() for p in ours if "w_gate" in p)

@@ -10,6 +10,8 @@ hybrid (convert.families.qwen3_next) with these differences, as transformers 5.2
   order), `in_proj_z`, `in_proj_b`, `in_proj_a` (per value head), where Qwen3-Next fuses them per key head; the
   math is the same, so the key rules lay their columns out as our fused `in_proj_qkvz` / `in_proj_ba`
   (`KeyRule.into`).
+- Routed experts: the Hub stores one stacked `experts.gate_up_proj` [E, 2f, d] and `experts.down_proj` [E, d, f] per
+  layer (`stacked_expert_rules`); `save_pretrained` writes per-expert keys. Either converts.
 - Every layer is MoE (no `decoder_sparse_step` / `mlp_only_layers`) and the router always renormalizes its top-k.
 - RoPE is multimodal (`mrope_section`, `mrope_interleaved`): temporal, height and width positions each drive
   some frequencies. For text all three are the token's position, so it is plain RoPE over the first
@@ -101,6 +103,17 @@ def linear_attention_rules(cfg: ModelConfig) -> list[KeyRule]:
     ]
 
 
+def stacked_expert_rules() -> list[KeyRule]:
+    """The routed experts as the Hub's Qwen3.5 checkpoints store them, one stacked tensor per layer in the layout of
+    transformers' Qwen3_5MoeExperts: `experts.gate_up_proj` [E, 2f, d] (each expert's gate rows, then its up rows)
+    and `experts.down_proj` [E, d, f]. A checkpoint written by `save_pretrained` has per-expert keys instead
+    (`shared_moe_rules`); each converts."""
+    hf, ours = "model.layers.{layer}.mlp.experts", "layers.{layer}.moe.experts"
+    return [KeyRule(f"{hf}.gate_up_proj", f"{ours}.w_gate", transpose=True, chunk=(0, 2)),
+            KeyRule(f"{hf}.gate_up_proj", f"{ours}.w_up", transpose=True, chunk=(1, 2)),
+            KeyRule(f"{hf}.down_proj", f"{ours}.w_down", transpose=True)]
+
+
 def under_hub_prefix(rule: KeyRule) -> KeyRule:
     """`rule` for the multimodal checkpoint's key, `model.X` -> `model.language_model.X` (lm_head.* unchanged)."""
     if not rule.hf.startswith("model."):
@@ -113,7 +126,7 @@ def key_rules(cfg: ModelConfig) -> list[KeyRule]:
     (a checkpoint uses one set; a parameter filled by both is refused as filled twice); `lm_head.weight` once."""
     rules = global_rules(cfg.tie_word_embeddings) + layer_norm_rules()
     rules += gqa_rules(cfg.attention_bias, cfg.attention_out_bias, qk_norm=True) + linear_attention_rules(cfg)
-    rules += shared_moe_rules()
+    rules += shared_moe_rules() + stacked_expert_rules()
     return [under_hub_prefix(rule) for rule in rules] + [rule for rule in rules if rule.hf.startswith("model.")]
 
 
