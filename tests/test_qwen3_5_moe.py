@@ -14,6 +14,7 @@ from convert.converter import convert, model_config_from_hf
 from jaxmoe.checkpoint import load_resident
 from jaxmoe.errors import JaxmoeError
 from tests.hf_models import add_tensors, assert_config_refused
+from tests.test_qwen3_next import NEW_TOKENS, PROMPT, check_offloaded_equals_resident
 
 # Qwen/Qwen3.5-35B-A3B's config.json as the Hub ships it, sizes shrunk (in the release: 40 layers, d 2048,
 # 16 attention heads of 256 with 2 KV heads, Gated DeltaNet 16 key / 32 value heads of 128, 256 experts top-8
@@ -175,10 +176,6 @@ def test_logits_match_the_multimodal_model_on_text(converted_model):
     assert np.abs(ours - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
-PROMPT = [5, 17, 33, 8, 41, 12, 9, 60, 3, 27, 71, 44]  # 12 tokens: the 16-token bucket holds 4 of padding
-NEW_TOKENS = 12
-
-
 @pytest.fixture(scope="module")
 def expected(converted_model):
     _, model_dir = converted_model("qwen3_5_moe")
@@ -191,17 +188,7 @@ def expected(converted_model):
 @pytest.mark.parametrize("slots, policy, speculate", [(2, "on-demand", "off"), (5, "presched", "off"),
                                                       (7, "presched", "on"), (24, "on-demand", "on")])
 def test_offloaded_equals_resident(converted_model, expected, slots, policy, speculate):
-    _, model_dir = converted_model("qwen3_5_moe")
-    engine = jaxmoe.load(model_dir, cache_slots=slots, policy=policy, speculate=speculate)
-    redone = 0
-    for _ in range(2):  # cold, then warm (with 24 slots every expert is cached: whole-token steps only)
-        result = engine.generate(PROMPT, NEW_TOKENS)
-        assert result.generated_ids == expected, (slots, policy, speculate)
-        redone += result.stats["speculation_redone"]
-        if speculate == "on":
-            assert result.stats["speculated_tokens"] == NEW_TOKENS - 1
-    if speculate == "on" and slots < 24:
-        assert redone > 0  # the redo path (states kept from before the token) ran
+    check_offloaded_equals_resident(converted_model("qwen3_5_moe")[1], expected, slots, policy, speculate)
 
 
 def test_hub_stacked_experts_convert_to_the_same_model(tmp_path, converted_model):

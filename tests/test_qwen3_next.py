@@ -128,17 +128,24 @@ def expected(converted_model):
 @pytest.mark.parametrize("slots, policy, speculate", [(2, "on-demand", "off"), (5, "presched", "off"),
                                                       (7, "presched", "on"), (18, "on-demand", "on")])
 def test_offloaded_equals_resident(converted_model, expected, slots, policy, speculate):
-    _, model_dir = converted_model("qwen3_next")
+    check_offloaded_equals_resident(converted_model("qwen3_next")[1], expected, slots, policy, speculate)
+
+
+def check_offloaded_equals_resident(model_dir, expected, slots: int, policy: str, speculate: str) -> None:
+    """Greedy PROMPT + NEW_TOKENS, cold then warm, equals the resident `expected`; with speculation and fewer slots
+    than experts, some whole-token steps missed and were redone layer by layer (running states kept from before
+    the token)."""
     engine = jaxmoe.load(model_dir, cache_slots=slots, policy=policy, speculate=speculate)
+    all_cached = slots >= engine.cfg.num_experts * len(engine.cfg.moe_layer_ids)
     redone = 0
-    for _ in range(2):  # cold, then warm (with 18 slots every expert is cached: whole-token steps only)
+    for _ in range(2):  # cold, then warm (with every expert cached: whole-token steps only)
         result = engine.generate(PROMPT, NEW_TOKENS)
         assert result.generated_ids == expected, (slots, policy, speculate)
         redone += result.stats["speculation_redone"]
         if speculate == "on":
             assert result.stats["speculated_tokens"] == NEW_TOKENS - 1
-    if speculate == "on" and slots < 18:
-        assert redone > 0  # the redo path (states kept from before the token) ran
+    if speculate == "on" and not all_cached:
+        assert redone > 0  # the redo path ran
 
 
 def test_offloaded_prefill_in_chunks(converted_model, expected, monkeypatch):
