@@ -14,7 +14,8 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None) -> int:
     parser = _Parser(prog="python -m convert", description="Convert a Hugging Face MoE checkpoint for jaxmoe.")
-    parser.add_argument("hf_dir", help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer)")
+    parser.add_argument("hf_dir", help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer); "
+                                       "bf16/f16/f32 weights, or the Hub's FP8 block-wise and MXFP4 releases")
     parser.add_argument("out_dir", help="output model directory (created; must not exist or be empty)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="parameter dtype (default: the checkpoint's)")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
