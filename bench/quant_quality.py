@@ -31,7 +31,8 @@ import jaxmoe
 from bench.policies import save_report
 from bench.sizes import device_info, versions
 from jaxmoe.errors import JaxmoeError, run_cli
-from jaxmoe.expert_quant import QUANTIZE_MODES as MODES, check_quantize, quantized_shapes, scale_dtype
+from jaxmoe.expert_quant import QUANTIZE_MODES as MODES, check_quantize
+from jaxmoe.offload import pack_expert
 
 
 def held_out_windows(engine, count: int, length: int, seed: int = 0) -> np.ndarray:
@@ -72,16 +73,12 @@ def _forward(graphdef, state, tokens):
 
 
 def packed_expert_bytes(cfg, mode: str | None) -> int:
-    """Bytes of one routed expert's three matrices as moved host -> device (biases excluded)."""
+    """Bytes of one routed expert's three matrices as the offload store packs and moves them host -> device
+    (`jaxmoe.offload.pack_expert`; biases excluded)."""
     d, f = cfg.hidden_size, cfg.moe_intermediate_size
-    shapes = [(d, f), (d, f), (f, d)]
-    if mode is None:
-        return sum(a * b for a, b in shapes) * jnp.dtype(cfg.dtype).itemsize
-    total = 0
-    for shape in shapes:
-        (codes, code_dtype), scale = quantized_shapes(shape, mode)
-        total += int(np.prod(codes)) * np.dtype(code_dtype).itemsize + int(np.prod(scale)) * np.dtype(scale_dtype(mode)).itemsize
-    return total
+    zeros = {"w_gate": np.zeros((d, f), np.float32), "w_up": np.zeros((d, f), np.float32),
+             "w_down": np.zeros((f, d), np.float32)}
+    return pack_expert(zeros, jnp.dtype(cfg.dtype), mode).nbytes
 
 
 def compare(reference: np.ndarray, quantized: np.ndarray, targets: np.ndarray) -> dict:

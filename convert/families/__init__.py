@@ -35,7 +35,7 @@ FAMILIES: dict[str, Adapter] = {
     "glm4_moe_lite": Adapter(deepseek.glm_lite_config_from_hf, deepseek.key_rules, is_mtp_key),
     "gpt_oss": Adapter(gpt_oss.config_from_hf, gpt_oss.key_rules),
     "minimax_m2": Adapter(minimax_m2.config_from_hf, minimax_m2.key_rules, is_mtp_key),
-    "qwen3_next": Adapter(qwen3_next.config_from_hf, qwen3_next.key_rules, qwen3_next.is_mtp_key),
+    "qwen3_next": Adapter(qwen3_next.config_from_hf, qwen3_next.key_rules, qwen3_next.is_mtp_module_key),
     "qwen3_5_moe": Adapter(qwen3_5_moe.config_from_hf, qwen3_5_moe.key_rules, qwen3_5_moe.is_skipped_key),
     # the text-only Qwen3_5MoeForCausalLM's checkpoint
     "qwen3_5_moe_text": Adapter(qwen3_5_moe.config_from_hf, qwen3_5_moe.key_rules, qwen3_5_moe.is_skipped_key),

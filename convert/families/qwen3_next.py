@@ -139,6 +139,6 @@ def key_rules(cfg: ModelConfig) -> list[KeyRule]:
     return rules
 
 
-def is_mtp_key(cfg: ModelConfig, key: str) -> bool:
+def is_mtp_module_key(cfg: ModelConfig, key: str) -> bool:
     """The Hub checkpoints' multi-token-prediction module (`mtp.fc`, `mtp.layers.*`, `mtp.norm`, ...)."""
     return key.startswith("mtp.")
